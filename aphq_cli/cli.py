@@ -1,0 +1,173 @@
+"""The ``aphq`` command: thin Typer commands over the stage functions.
+
+Each command parses options, calls one plain function with keyword arguments
+and prints what it produced. Failures caused by input end with one sentence on
+stderr and a non-zero exit; ``--verbose`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import warnings
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+
+from aphq_cli.errors import AphqError
+
+app = typer.Typer(
+    name="aphq",
+    help="Post-training quantization of Swin Mask R-CNN / Cascade Mask R-CNN detectors with APHQ-ViT.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Datasets: the synthetic testbed.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+_state = {"verbose": False}
+
+
+@app.callback()
+def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks and tool logs.")) -> None:
+    _state["verbose"] = verbose
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Turn :class:`AphqError` and Ctrl-C into one line on stderr and an exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from rich.markup import escape
+
+        from aphq_cli.console import err
+
+        try:
+            return fn(*args, **kwargs)
+        except AphqError as exc:
+            if _state["verbose"]:
+                err.print_exception()
+            err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code)
+        except KeyboardInterrupt:
+            err.print("[bold red]interrupted:[/] stopped by Ctrl-C; finished work was kept", soft_wrap=True)
+            raise typer.Exit(130)
+
+    return wrapper
+
+
+ModelOpt = typer.Option("tiny-mask-rcnn", "--model", "-m",
+                        help="Built-in model name (see `aphq models`) or mmdetection config path.")
+CheckpointOpt = typer.Option(None, "--checkpoint", "-c",
+                             help="Weights (.pth or .safetensors, either Swin layout). "
+                                  "Default: a testbed model's bundled weights.")
+DataOpt = typer.Option(None, "--data", "-d", help="COCO-layout data folder (annotations/ and image folders).")
+DeviceOpt = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N.")
+TrustOpt = typer.Option(False, "--trust-checkpoint",
+                        help="Load a pickled checkpoint that torch.load(weights_only=True) refuses. "
+                             "Only for files you trust: unpickling can run code.")
+
+
+@app.command("eval")
+@user_errors
+def eval_cmd(
+    model: str = ModelOpt,
+    checkpoint: Optional[Path] = CheckpointOpt,
+    data: Optional[Path] = DataOpt,
+    run: Optional[Path] = typer.Option(None, "--run", "-r",
+                                       help="Evaluate a stage of this run folder (its newest by default)."),
+    stage: Optional[str] = typer.Option(None, "--stage", help="Which stage of --run to evaluate."),
+    limit: Optional[int] = typer.Option(None, "--limit", "-n", help="Evaluate only the first N images."),
+    device: str = DeviceOpt,
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the metrics (percent) as JSON."),
+    trust_checkpoint: bool = TrustOpt,
+) -> None:
+    """COCO box and mask AP of a float detector (--model) or of a stage of a run (--run)."""
+    from aphq_cli.console import err, metrics_table, progress_bar
+    from stages.eval import evaluate
+
+    with progress_bar("eval") as update:
+        result = evaluate(model=model, checkpoint=checkpoint, data=data, run=run, stage=stage, limit=limit,
+                          device=device, trust_checkpoint=trust_checkpoint, json_path=json_path,
+                          progress=update)
+    if _state["verbose"]:
+        err.print(result.log)
+    err.print(metrics_table(f"{result.model} on {result.images} image(s), {result.seconds:.1f} s",
+                            {result.model: result.metrics}))
+    if json_path is not None:
+        print(json_path)
+
+
+@app.command("calibrate")
+@user_errors
+def calibrate_cmd(
+    model: str = ModelOpt,
+    run: Path = typer.Option(..., "--run", "-r", help="Run folder; writes RUN/calibrate.safetensors."),
+    w_bits: Optional[int] = typer.Option(None, "--w-bits", help="Weight bits, 2-8 (default 4)."),
+    a_bits: Optional[int] = typer.Option(None, "--a-bits", help="Activation bits, 2-8 (default 4)."),
+    calib_images: Optional[int] = typer.Option(
+        None, "--calib-images", help="First N training images (default: 1, as the paper; testbed: its config)."),
+    checkpoint: Optional[Path] = CheckpointOpt,
+    data: Optional[Path] = DataOpt,
+    device: str = DeviceOpt,
+    force: bool = typer.Option(False, "--force", help="Recompute even if the artifact is current."),
+    trust_checkpoint: bool = TrustOpt,
+) -> None:
+    """Quantize every Linear, Conv2d and attention matmul with searched scales."""
+    from aphq_cli.console import err, progress_bar
+    from stages.calibrate import calibrate
+
+    with progress_bar("calibrate: layers") as update:
+        path, hit = calibrate(model=model, run=run, w_bits=w_bits, a_bits=a_bits, calib_images=calib_images,
+                              checkpoint=checkpoint, data=data, device=device, force=force,
+                              trust_checkpoint=trust_checkpoint, progress=update)
+    if hit:
+        err.print(f"{path} is current (same checkpoint, data and options); --force recomputes it")
+    print(path)
+
+
+@app.command("models")
+@user_errors
+def models_cmd() -> None:
+    """List the built-in models and whether weights come bundled."""
+    from rich.table import Table
+
+    from aphq_cli.console import err
+    from aphq_cli.models.zoo import builtin_models
+
+    table = Table(title="built-in models")
+    table.add_column("name")
+    table.add_column("weights")
+    for spec in builtin_models().values():
+        table.add_row(spec.name, "bundled" if spec.weights else "--checkpoint PATH")
+    err.print(table)
+
+
+@data_app.command("synth")
+@user_errors
+def synth_cmd(
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder to write; default: the cache."),
+    seed: int = typer.Option(0, help="Generator seed: the same seed gives the same bytes."),
+) -> None:
+    """Generate the synthetic COCO-layout testbed dataset."""
+    from aphq_cli.console import progress_bar
+    from aphq_cli.data.synth import SynthSpec, ensure_dataset, generate
+
+    spec = SynthSpec(seed=seed)
+    with progress_bar("synth") as update:
+        path = generate(out, spec, progress=update) if out is not None else ensure_dataset(spec, progress=update)
+    print(path)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    # mmcv/mmdetection announce deprecations users cannot act on.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"(mmcv|mmdet)\b")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    app(prog_name="aphq")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""Terminal output for people: rich progress, tables and one-sentence errors, on stderr.
+
+stdout stays free for data (the paths a stage wrote), so stages chain in a
+shell script.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+    TimeRemainingColumn
+from rich.table import Table
+
+err = Console(stderr=True)
+
+
+@contextlib.contextmanager
+def progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
+    """A progress bar that appears at its first update; yields ``update(done, total)``.
+
+    Shown only once work starts, so a command that fails on its input prints
+    its one error line and nothing else.
+    """
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
+    progress = Progress(*columns, console=err, transient=False)
+    task = progress.add_task(description, total=None)
+    started = False
+
+    def update(done: int, total: int) -> None:
+        nonlocal started
+        if not started:
+            progress.start()
+            started = True
+        progress.update(task, completed=done, total=total)
+
+    try:
+        yield update
+    finally:
+        if started:
+            progress.stop()
+
+
+def metrics_table(title: str, rows: dict[str, dict[str, float]]) -> Table:
+    """Rows of ``{label: {"bbox_AP": ..}}`` as a box/mask AP table."""
+    cols = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
+    table = Table(title=title)
+    table.add_column("")
+    table.add_column("iou")
+    for c in cols:
+        table.add_column(c, justify="right")
+    for label, metrics in rows.items():
+        for iou, name in (("bbox", "box"), ("segm", "mask")):
+            table.add_row(label, name, *(f"{metrics[f'{iou}_{c}']:.1f}" for c in cols))
+    return table

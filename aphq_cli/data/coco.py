@@ -1,0 +1,137 @@
+"""COCO-layout data folders: locating splits, building datasets and loaders.
+
+A data folder holds ``annotations/instances_<split>.json`` and one image
+folder per split, as COCO 2017 does (``val2017/``) or as our synthetic
+testbed does (``val/``). A config's data splits name their files relative to
+``data_root``; ``--data DIR`` replaces that root.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import io
+from pathlib import Path
+from typing import Iterable, Literal
+
+from aphq_cli.errors import AphqError
+
+Split = Literal["test", "calib"]
+
+
+def _relative(path: str, root: str | None) -> str:
+    """``path`` relative to ``root`` when it was written as ``root + '...'``."""
+    if root and path.startswith(root):
+        return path[len(root):]
+    return path
+
+
+def with_data_root(split_cfg: dict, data_dir: Path | None, cfg_root: str | None) -> dict:
+    """A copy of one split's dataset config rooted at ``data_dir`` (or left as configured)."""
+    split = copy.deepcopy(dict(split_cfg))
+    root = split.pop("data_root", None) or cfg_root
+    if data_dir is not None:
+        split["ann_file"] = _relative(split["ann_file"], root)
+        split["img_prefix"] = _relative(split.get("img_prefix", ""), root)
+        root = str(data_dir)
+    if root:
+        split["ann_file"] = str(Path(root) / split["ann_file"])
+        split["img_prefix"] = str(Path(root) / split.get("img_prefix", ""))
+    return split
+
+
+def dataset_config(cfg, split: Split, data_dir: Path | None) -> dict:
+    """The dataset config of ``split`` with paths checked.
+
+    Raises:
+        AphqError: the data folder, annotation file or image folder is missing.
+    """
+    if data_dir is not None and not Path(data_dir).is_dir():
+        raise AphqError(f"data folder {data_dir} does not exist")
+    if split not in cfg.data:
+        raise AphqError(f"model config has no data.{split} split")
+    split_cfg = with_data_root(cfg.data[split], data_dir, cfg.get("data_root"))
+    ann, images = Path(split_cfg["ann_file"]), Path(split_cfg["img_prefix"])
+    if not ann.is_file():
+        raise AphqError(f"annotation file {ann} does not exist (pass --data DIR with a COCO-layout folder)")
+    if not images.is_dir():
+        raise AphqError(f"image folder {images} does not exist")
+    split_cfg["test_mode"] = True
+    return split_cfg
+
+
+def build_dataset(cfg, split: Split = "test", data_dir: Path | None = None,
+                  limit: int | None = None, image_ids: Iterable[int] | None = None):
+    """Build an mmdetection ``CocoDataset`` for ``split``, optionally restricted.
+
+    Args:
+        limit: keep only the first ``limit`` images (in annotation-file order).
+        image_ids: keep only these image ids, in this order.
+    """
+    from mmdet.datasets import build_dataset as mmdet_build
+
+    split_cfg = dataset_config(cfg, split, data_dir)
+    try:
+        # pycocotools prints progress on stdout, which carries only data here.
+        with contextlib.redirect_stdout(io.StringIO()):
+            dataset = mmdet_build(split_cfg)
+    except (KeyError, ValueError, TypeError, AssertionError) as err:
+        raise AphqError(f"dataset {split_cfg['ann_file']} could not be loaded ({err})") from err
+    if image_ids is not None:
+        wanted = list(image_ids)
+        index = {info["id"]: i for i, info in enumerate(dataset.data_infos)}
+        unknown = [i for i in wanted if i not in index]
+        if unknown:
+            raise AphqError(f"image id(s) {unknown[:5]} are not in {split_cfg['ann_file']}")
+        _restrict(dataset, [index[i] for i in wanted])
+    if limit is not None:
+        if limit < 1:
+            raise AphqError(f"--limit must be at least 1, got {limit}")
+        _restrict(dataset, list(range(min(limit, len(dataset)))))
+    if len(dataset) == 0:
+        raise AphqError(f"dataset {split_cfg['ann_file']} has no images")
+    return dataset
+
+
+def _restrict(dataset, keep: list[int]) -> None:
+    """Keep the images at positions ``keep``; evaluation then covers only those."""
+    dataset.data_infos = [dataset.data_infos[i] for i in keep]
+    dataset.img_ids = [info["id"] for info in dataset.data_infos]
+    if hasattr(dataset, "flag"):
+        dataset.flag = dataset.flag[keep]
+
+
+def fingerprint_dataset(dataset) -> str:
+    """sha256 of the annotation file and the ordered image ids a stage used."""
+    h = hashlib.sha256()
+    with open(dataset.ann_file, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    h.update(repr(list(dataset.img_ids)).encode())
+    return h.hexdigest()
+
+
+def build_loader(dataset, workers: int = 0):
+    """A deterministic, unshuffled loader of one image per batch."""
+    from mmdet.datasets import build_dataloader
+
+    return build_dataloader(dataset, samples_per_gpu=1, workers_per_gpu=workers, dist=False,
+                            shuffle=False, persistent_workers=False)
+
+
+def to_device(batch: dict, device) -> dict:
+    """Unwrap mmcv ``DataContainer``s of a one-GPU batch and move tensors to ``device``."""
+    import torch
+    from mmcv.parallel import DataContainer
+
+    def unwrap(value):
+        if isinstance(value, DataContainer):
+            value = value.data[0]
+        if isinstance(value, list):
+            return [unwrap(v) for v in value]
+        if isinstance(value, torch.Tensor):
+            return value.to(device)
+        return value  # image metas, BitmapMasks
+
+    return {key: unwrap(value) for key, value in batch.items()}

@@ -1,0 +1,142 @@
+"""Stage: COCO box and mask AP of a detector, through mmdetection's evaluate."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from aphq_cli.errors import AphqError
+
+# mmdetection metric suffix -> our name; values are reported in percent.
+_METRICS = {"mAP": "AP", "mAP_50": "AP50", "mAP_75": "AP75", "mAP_s": "APs", "mAP_m": "APm", "mAP_l": "APl"}
+IOU_TYPES = ("bbox", "segm")
+
+
+@dataclass
+class EvalResult:
+    """What ``aphq eval`` reports.
+
+    Attributes:
+        metrics: ``bbox_AP``, ``bbox_AP50``, ... ``segm_APl`` in percent.
+        model, checkpoint, data: what was evaluated.
+        images: how many images.
+        seconds: wall time of inference plus evaluation.
+        log: pycocotools' printed summary, kept for ``--verbose``.
+    """
+
+    metrics: dict[str, float]
+    model: str
+    checkpoint: str
+    data: str
+    images: int
+    seconds: float
+    log: str = field(default="", repr=False)
+
+    def to_json(self) -> dict:
+        out = dict(self.metrics)
+        out.update({k: v for k, v in asdict(self).items() if k not in ("metrics", "log")})
+        return out
+
+
+def percent_metrics(mmdet_results: dict) -> dict[str, float]:
+    """mmdetection's ``bbox_mAP``-style fractions -> ``bbox_AP``-style percents.
+
+    A metric mmdetection did not produce (it skips an IoU type when there are
+    no detections at all) is reported as 0.0, which is what COCO AP is then.
+    """
+    out = {}
+    for iou in IOU_TYPES:
+        for src, dst in _METRICS.items():
+            value = float(mmdet_results.get(f"{iou}_{src}", 0.0))
+            out[f"{iou}_{dst}"] = round(100.0 * value, 1) if value >= 0 else -1.0
+    return out
+
+
+def run_inference(detector, dataset, *, device: str, progress=None) -> list:
+    """Predictions for every image, masks RLE-encoded as mmdetection's test loop does.
+
+    Args:
+        progress: optional callable ``(done, total)``.
+    """
+    import torch
+    from mmdet.core import encode_mask_results
+
+    from aphq_cli.data.coco import build_loader, to_device
+
+    results = []
+    loader = build_loader(dataset)
+    detector.eval()
+    with torch.no_grad():
+        for i, batch in enumerate(loader):
+            out = detector(return_loss=False, rescale=True, **to_device(batch, device))
+            for item in out:
+                if isinstance(item, tuple):  # (bbox results, mask results)
+                    item = (item[0], encode_mask_results(item[1]))
+                results.append(item)
+            if progress is not None:
+                progress(i + 1, len(dataset))
+    return results
+
+
+def coco_metrics(dataset, results: list) -> tuple[dict[str, float], str]:
+    """Evaluate with pycocotools; returns percent metrics and the printed summary."""
+    metrics = [m for m in IOU_TYPES if m == "bbox" or isinstance(results[0], tuple)]
+    log = io.StringIO()
+    # pycocotools prints its summary on stdout, which belongs to data (--json).
+    with contextlib.redirect_stdout(log):
+        raw = dataset.evaluate(results, metric=metrics)
+    return percent_metrics(raw), log.getvalue()
+
+
+def evaluate(*, model: str = "tiny-mask-rcnn", checkpoint: Path | None = None, data: Path | None = None,
+             run: Path | None = None, stage: str | None = None, limit: int | None = None,
+             device: str = "cpu", trust_checkpoint: bool = False, json_path: Path | None = None,
+             progress=None) -> EvalResult:
+    """Evaluate a detector's box and mask AP on a COCO-layout split.
+
+    Args:
+        model: built-in model name or mmdetection config path (float model).
+        checkpoint: weights; a testbed model's bundled weights by default.
+        data: COCO-layout folder; by default the config's ``data_root``, the
+            testbed's synthetic data, or the folder a run was made with.
+        run: evaluate a stage of this run folder instead of a float model.
+        stage: which stage of ``run``; the newest by default.
+        limit: evaluate only the first N images.
+        device: ``cpu``, ``cuda`` or ``cuda:N``.
+        trust_checkpoint: allow a pickled checkpoint with arbitrary objects.
+        json_path: write the metrics there as JSON (atomically).
+        progress: optional callable ``(done, total)``.
+    """
+    from aphq_cli.devices import resolve_device
+    from aphq_cli.runs import ModelSource, load_stage, newest_stage
+
+    dev = resolve_device(device)
+    if run is not None:
+        stage = stage or newest_stage(run)
+        detector, source, _ = load_stage(run, stage, dev, trust_checkpoint=trust_checkpoint)
+        dataset = _test_split(source, data, limit)
+        label = f"{source.spec.name} [{stage}]"
+    else:
+        source = ModelSource.open(model, checkpoint, data, trust_checkpoint=trust_checkpoint)
+        # Check the data before the (slow) model build, so a typo fails at once.
+        dataset = _test_split(source, data, limit)
+        detector = source.build(dev)
+        label = f"{source.spec.name} [fp]"
+    start = time.perf_counter()
+    results = run_inference(detector, dataset, device=dev, progress=progress)
+    metrics, log = coco_metrics(dataset, results)
+    result = EvalResult(metrics, label, str(source.checkpoint), str(Path(dataset.ann_file).parent.parent),
+                        len(dataset), round(time.perf_counter() - start, 2), log)
+    if json_path is not None:
+        from aphq_cli.artifacts import atomic_write_text
+        atomic_write_text(Path(json_path), json.dumps(result.to_json(), indent=2) + "\n")
+    return result
+
+
+def _test_split(source, data: Path | None, limit: int | None):
+    from aphq_cli.data.coco import build_dataset
+    return build_dataset(source.cfg, "test", Path(data) if data is not None else source.data, limit=limit)

@@ -1,0 +1,88 @@
+"""aphq eval: metric plumbing against a ground-truth oracle, and the real command."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from aphq_cli.cli import app
+from aphq_cli.data.coco import build_dataset
+from aphq_cli.models.zoo import load_config, resolve_model
+from stages.eval import coco_metrics, percent_metrics
+
+
+def test_percent_metrics_names_and_scale():
+    raw = {"bbox_mAP": 0.46, "bbox_mAP_50": 0.681, "bbox_mAP_s": -1.0, "segm_mAP": 0.416}
+    out = percent_metrics(raw)
+    assert out["bbox_AP"] == 46.0 and out["bbox_AP50"] == 68.1 and out["segm_AP"] == 41.6
+    assert out["bbox_APs"] == -1.0  # COCO's "no such objects" marker survives
+    assert out["segm_AP75"] == 0.0  # not produced (no detections) -> 0 AP
+    assert len(out) == 12
+
+
+def _oracle_results(dataset):
+    """Per image: the ground truth as detections with score 1 (bbox, mask lists per class)."""
+    from mmdet.core import encode_mask_results
+
+    coco, results = dataset.coco, []
+    for info in dataset.data_infos:
+        bboxes = [np.zeros((0, 5), np.float32) for _ in dataset.CLASSES]
+        masks = [[] for _ in dataset.CLASSES]
+        for ann in coco.loadAnns(coco.getAnnIds(imgIds=[info["id"]])):
+            label = dataset.cat2label[ann["category_id"]]
+            x, y, w, h = ann["bbox"]
+            bboxes[label] = np.vstack([bboxes[label], [[x, y, x + w, y + h, 1.0]]]).astype(np.float32)
+            masks[label].append(coco.annToMask(ann).astype(bool))
+        results.append((bboxes, encode_mask_results(masks)))
+    return results
+
+
+def test_ground_truth_scores_100(synth_dir):
+    dataset = build_dataset(load_config(resolve_model("tiny-mask-rcnn")), "test", synth_dir)
+    metrics, log = coco_metrics(dataset, _oracle_results(dataset))
+    assert metrics["bbox_AP"] == 100.0 and metrics["segm_AP"] == 100.0
+    assert "Average Precision" in log
+
+
+def test_limit_restricts_the_evaluated_images(synth_dir):
+    dataset = build_dataset(load_config(resolve_model("tiny-mask-rcnn")), "test", synth_dir, limit=2)
+    assert len(dataset) == 2 and dataset.img_ids == [d["id"] for d in dataset.data_infos]
+    results = _oracle_results(dataset)
+    results[1] = (results[0][0], results[0][1])  # the second image gets the first's boxes
+    metrics, _ = coco_metrics(dataset, results)
+    assert 0 < metrics["bbox_AP"] < 100.0
+
+
+def test_eval_command_writes_json(synth_dir, random_tiny_checkpoint, tmp_path):
+    out = tmp_path / "metrics.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "aphq_cli", "eval", "--model", "tiny-mask-rcnn", "--data", str(synth_dir),
+         "--checkpoint", str(random_tiny_checkpoint), "--limit", "2", "--json", str(out)],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(out)
+    metrics = json.loads(out.read_text())
+    assert metrics["images"] == 2
+    for iou in ("bbox", "segm"):
+        for name in ("AP", "AP50", "AP75", "APs", "APm", "APl"):
+            assert -1.0 <= metrics[f"{iou}_{name}"] <= 100.0
+    assert "box" in proc.stderr and "mask" in proc.stderr  # the results table
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "/nonexistent/coco"], "data folder /nonexistent/coco does not exist"),
+    (["--model", "nope"], "unknown model 'nope'"),
+    (["--device", "tpu"], "--device 'tpu' is not"),
+    (["--limit", "0"], "--limit must be at least 1"),
+])
+def test_bad_input_is_one_sentence(args, message, synth_dir, random_tiny_checkpoint):
+    if "--data" not in args:
+        args = args + ["--data", str(synth_dir)]
+    args = args + ["--checkpoint", str(random_tiny_checkpoint)]
+    result = CliRunner().invoke(app, ["eval", *args])
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], result.output
