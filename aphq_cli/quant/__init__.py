@@ -1,0 +1,1 @@
+"""Quantization: pure primitives, quantizer modules, model wrapping."""

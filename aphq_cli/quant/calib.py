@@ -1,0 +1,157 @@
+"""Calibration: record every quantized layer's float inputs, then search its quantizers.
+
+The recorder keeps a bounded, evenly strided sample of each layer's input on
+the CPU (``max_values`` numbers per layer; the first ``max_windows`` windows
+of an attention matmul), so memory does not grow with image size or count
+beyond that bound: for Swin-T (about 150 quantized layers) at the defaults,
+under 1 GB.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from aphq_cli.errors import AphqError
+from aphq_cli.quant.modules import QuantConv2d, QuantLinear, QuantMatMul
+from aphq_cli.quant.primitives import matmul_percentiles, search_matmul, search_rowwise
+from aphq_cli.quant.wrap import fold_channel_scales, layer_norm_of, quant_layers, reparam_factors
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """The scale-search knobs of method.md §3 and the per-layer sample bounds.
+
+    Attributes:
+        w_bits, a_bits: 2..8.
+        eq_n, pct, search_round, matmul_eq_n: method.md §3.
+        max_values, max_windows: sample bounds per layer (memory).
+        reparam: RepQ scale reparameterization of LayerNorm-fed inputs
+            (applied when w_bits == a_bits).
+        fc2_zero: post-ReLU fc2 inputs (after mlp-recon) get zero point 0.
+    """
+
+    w_bits: int = 4
+    a_bits: int = 4
+    eq_n: int = 128
+    pct: float = 0.999
+    search_round: int = 3
+    matmul_eq_n: int = 128
+    max_values: int = 1_000_000
+    max_windows: int = 256
+    reparam: bool = True
+    fc2_zero: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("w_bits", "a_bits"):
+            bits = getattr(self, name)
+            if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8:
+                raise AphqError(f"--{name.replace('_', '-')} must be an integer from 2 to 8, got {bits}")
+        for name in ("eq_n", "matmul_eq_n", "max_values", "max_windows"):
+            if getattr(self, name) < 1:
+                raise AphqError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0.5 < self.pct <= 1.0:
+            raise AphqError(f"pct must be in (0.5, 1], got {self.pct}")
+        if self.search_round < 0:
+            raise AphqError(f"search_round must be >= 0, got {self.search_round}")
+
+
+class InputRecorder:
+    """Forward pre-hooks that sample each quantized layer's input, for one scope."""
+
+    def __init__(self, layers: dict[str, nn.Module], max_values: int, max_windows: int, images: int) -> None:
+        self.layers = layers
+        self.per_image = max(1, max_values // max(1, images))
+        self.max_windows = max(1, max_windows // max(1, images))
+        self.rows: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
+        self.pairs: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {n: [] for n in layers}
+
+    def _hook(self, name: str) -> Callable:
+        def record(module: nn.Module, args: tuple) -> None:
+            if isinstance(module, QuantMatMul):
+                a, b = args
+                self.pairs[name].append((a[: self.max_windows].detach().cpu(), b[: self.max_windows].detach().cpu()))
+                return
+            x = args[0].detach()
+            if isinstance(module, QuantConv2d):
+                x = x.movedim(1, -1)  # channels last, as for a Linear
+            x = x.reshape(-1, x.shape[-1])  # (M, C)
+            step = max(1, math.ceil(x.numel() / self.per_image))
+            self.rows[name].append(x[::step].cpu())
+        return record
+
+    @contextlib.contextmanager
+    def attached(self) -> Iterator["InputRecorder"]:
+        handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in self.layers.items()]
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def _flat(rows: torch.Tensor) -> torch.Tensor:
+    return rows.reshape(1, -1)
+
+
+@torch.no_grad()
+def calibrate_layer(model: nn.Module, name: str, layer: nn.Module, recorder: InputRecorder,
+                    settings: SearchSettings) -> None:
+    """Search and set the quantizers of one layer from its recorded inputs."""
+    if isinstance(layer, QuantMatMul):
+        a = torch.cat([p[0] for p in recorder.pairs[name]])
+        b = torch.cat([p[1] for p in recorder.pairs[name]])
+        sa, za, sb, zb = search_matmul(a, b, settings.a_bits, matmul_percentiles(settings.matmul_eq_n),
+                                       settings.search_round)
+        layer.a_quant.set_params(sa, za)
+        layer.b_quant.set_params(sb, zb)
+        return
+    x = torch.cat(recorder.rows[name]).float()  # (M, C)
+    bits = layer.a_quant.bits
+    norm = layer_norm_of(name) if isinstance(layer, QuantLinear) else None
+    if norm is not None and settings.reparam and settings.a_bits == settings.w_bits:
+        # Per-channel first, folded into the LayerNorm so one scale serves (RepQ).
+        s_c, z_c = search_rowwise(x.T.contiguous(), bits, eq_n=settings.eq_n, pct=settings.pct)
+        _, _, r, b = reparam_factors(s_c, z_c, bits)
+        fold_channel_scales(model.get_submodule(norm), layer, r, b)
+        x = x / r - b
+    fixed_zero = settings.fc2_zero and name.endswith("mlp.fc2")
+    s, z = search_rowwise(_flat(x), bits, eq_n=settings.eq_n, pct=settings.pct, fixed_zero=fixed_zero)
+    layer.a_quant.set_params(s, z)
+    w = layer.weight.detach().reshape(layer.weight.shape[0], -1)
+    ws, wz = search_rowwise(w, settings.w_bits, eq_n=settings.eq_n, pct=settings.pct)
+    layer.w_quant.set_params(ws, wz)
+
+
+def calibrate_model(model: nn.Module, batches, settings: SearchSettings, *, images: int,
+                    forward: Callable[[nn.Module, object], None], progress=None) -> list[str]:
+    """Record inputs over ``batches`` with the model in float, then calibrate every layer.
+
+    Args:
+        batches: iterable of model inputs; ``forward(model, batch)`` runs one.
+        images: how many batches, to split the sample bound between them.
+        progress: optional callable ``(done, total)`` over layers.
+
+    Returns:
+        Names of the layers whose LayerNorm was reparameterized.
+    """
+    layers = quant_layers(model)
+    recorder = InputRecorder(layers, settings.max_values, settings.max_windows, images)
+    with recorder.attached():
+        for batch in batches:
+            forward(model, batch)
+    folded = []
+    for i, (name, layer) in enumerate(layers.items()):
+        before = layer_norm_of(name)
+        calibrate_layer(model, name, layer, recorder, settings)
+        if before and isinstance(layer, QuantLinear) and settings.reparam and settings.a_bits == settings.w_bits:
+            folded.append(name)
+        recorder.rows[name], recorder.pairs[name] = [], []  # free as we go
+        if progress is not None:
+            progress(i + 1, len(layers))
+    return folded

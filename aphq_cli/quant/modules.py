@@ -1,0 +1,114 @@
+"""Quantizer modules and the quantized layers that replace Linear, Conv2d and MatMul.
+
+A :class:`Quantizer` holds its scale and zero point as buffers, so a model's
+state dict *is* the quantization state the artifacts store. Calibration
+fills them; nothing guesses them in the constructor.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from aphq_cli.quant.primitives import fake_quantize
+
+
+class Quantizer(nn.Module):
+    """Uniform asymmetric fake quantizer.
+
+    Args:
+        bits: 2..8.
+        shape: shape of scale and zero point, broadcast against the input:
+            ``()`` per tensor, ``(C, 1)`` per output channel of a Linear
+            weight, ``(1, H, 1, 1)`` per attention head.
+    """
+
+    def __init__(self, bits: int, shape: tuple[int, ...] = ()) -> None:
+        super().__init__()
+        self.bits = bits
+        self.enabled = False  # turned on once calibrated
+        self.register_buffer("scale", torch.ones(shape))
+        self.register_buffer("zero_point", torch.zeros(shape))
+
+    def set_params(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        self.scale.copy_(scale.reshape(self.scale.shape))
+        self.zero_point.copy_(zero_point.reshape(self.zero_point.shape))
+        self.enabled = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        return fake_quantize(x, self.scale, self.zero_point, self.bits)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, shape={tuple(self.scale.shape)}, enabled={self.enabled}"
+
+
+class QuantLinear(nn.Module):
+    """``linear(quant_in(x), quant_w(W), b)``; per-tensor input, per-output-channel weight."""
+
+    def __init__(self, linear: nn.Linear, w_bits: int, a_bits: int) -> None:
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.w_quant = Quantizer(w_bits, (linear.out_features, 1))
+        self.a_quant = Quantizer(a_bits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.a_quant(x), self.w_quant(self.weight), self.bias)
+
+
+class QuantConv2d(nn.Module):
+    """``conv2d(quant_in(x), quant_w(W))``; per-tensor input, per-output-channel weight."""
+
+    def __init__(self, conv: nn.Conv2d, w_bits: int, a_bits: int) -> None:
+        super().__init__()
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"padding mode {conv.padding_mode!r} is not supported")
+        self.weight, self.bias = conv.weight, conv.bias
+        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size = conv.kernel_size
+        self.w_quant = Quantizer(w_bits, (conv.out_channels, 1, 1, 1))
+        self.a_quant = Quantizer(a_bits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(self.a_quant(x), self.w_quant(self.weight), self.bias, self.stride, self.padding,
+                        self.dilation, self.groups)
+
+
+class QuantMatMul(nn.Module):
+    """``quant_a(a) @ quant_b(b)`` with one quantizer per head for each operand.
+
+    Operands are ``(B*nW, heads, N, d)``-shaped (q, k^T, softmax, v): the head
+    is dimension 1.
+    """
+
+    def __init__(self, heads: int, a_bits: int) -> None:
+        super().__init__()
+        self.a_quant = Quantizer(a_bits, (1, heads, 1, 1))
+        self.b_quant = Quantizer(a_bits, (1, heads, 1, 1))
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.a_quant(a) @ self.b_quant(b)
+
+
+def quantizers(model: nn.Module) -> dict[str, Quantizer]:
+    """Every quantizer of a model by qualified name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, Quantizer)}
+
+
+def quant_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Scales and zero points of every quantizer, as artifact tensors."""
+    out = {}
+    for name, q in quantizers(model).items():
+        out[f"{name}.scale"] = q.scale.detach().clone()
+        out[f"{name}.zero_point"] = q.zero_point.detach().clone()
+    return out
+
+
+def load_quant_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Set every quantizer from :func:`quant_state` output; every quantizer must be present."""
+    for name, q in quantizers(model).items():
+        q.set_params(state[f"{name}.scale"], state[f"{name}.zero_point"])

@@ -1,0 +1,92 @@
+"""Turning a float detector into a fake-quantized one, and the RepQ reparameterization.
+
+:func:`quantize_model` swaps every Linear, Conv2d and window-attention MatMul
+for its quantized counterpart in place (the weights are shared, not copied).
+:func:`fold_channel_scales` is the scale reparameterization of method.md §2.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from aphq_cli.models.swin import MatMul, WindowAttention
+from aphq_cli.quant.modules import QuantConv2d, QuantLinear, QuantMatMul
+
+IMAGE_BITS = 8  # the patch embedding's input, the image, stays at 8 bits
+
+# Layers whose input is a LayerNorm output, and that LayerNorm (relative names).
+LN_FOLLOWERS = {"attn.qkv": "norm1", "mlp.fc1": "norm2", "downsample.reduction": "downsample.norm"}
+
+
+def _set(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def quantize_model(model: nn.Module, w_bits: int, a_bits: int) -> nn.Module:
+    """Replace Linear/Conv2d/MatMul of ``model`` with quantized layers, in place.
+
+    Quantizers start disabled; calibration sets and enables them. Transposed
+    convolutions (the mask head's upsampling) stay in floating point, as in
+    the published code, which quantizes Linear and Conv2d only.
+    """
+    heads = {f"{n}.{m}": mod.heads for n, mod in model.named_modules() if isinstance(mod, WindowAttention)
+             for m in ("matmul_qk", "matmul_av")}
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.Linear:
+            _set(model, name, QuantLinear(module, w_bits, a_bits))
+        elif type(module) is nn.Conv2d:
+            image = name.endswith("patch_embed.proj")
+            _set(model, name, QuantConv2d(module, w_bits, IMAGE_BITS if image else a_bits))
+        elif type(module) is MatMul:
+            _set(model, name, QuantMatMul(heads[name], a_bits))
+    return model
+
+
+def quant_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The quantized layers in module order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantConv2d, QuantMatMul))}
+
+
+def layer_norm_of(layer_name: str) -> str | None:
+    """Qualified name of the LayerNorm feeding ``layer_name``, if it is one of the RepQ layers."""
+    for suffix, norm in LN_FOLLOWERS.items():
+        if layer_name.endswith("." + suffix):
+            return f"{layer_name[: -len(suffix) - 1]}.{norm}"
+    return None
+
+
+def reparam_factors(s_c: torch.Tensor, z_c: torch.Tensor, bits: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-channel quantizer -> one per-tensor quantizer plus per-channel ``r, b``.
+
+    Returns:
+        ``s, z, r, b`` with ``s = mean(s_c)``, ``z = round(mean(z_c))``,
+        ``r_c = s_c / s`` and ``b_c = -z_c s_c / r_c + z s`` (method.md §2):
+        after ``y' = y / r - b``, channel c's grid equals the common one.
+    """
+    s = s_c.mean()
+    z = torch.round(z_c.mean()).clamp(0, 2 ** bits - 1)
+    r = s_c / s
+    b = -z_c * s_c / r + z * s
+    return s, z, r, b
+
+
+@torch.no_grad()
+def fold_channel_scales(norm: nn.LayerNorm, layer: QuantLinear, r: torch.Tensor, b: torch.Tensor) -> None:
+    """Fold ``y' = y / r - b`` into ``norm`` and its compensation into ``layer``.
+
+    ``norm.weight /= r``, ``norm.bias = norm.bias / r - b``,
+    ``W'[:, c] = W[:, c] r_c``, ``bias' = bias + W' b``: in floating point the
+    layer's output is unchanged. A bias-free layer (patch merging's reduction)
+    gains a bias.
+    """
+    norm.weight.div_(r)
+    norm.bias.copy_(norm.bias / r - b)
+    layer.weight.mul_(r[None, :])
+    shift = layer.weight @ b
+    if layer.bias is None:
+        layer.bias = nn.Parameter(shift.clone())
+    else:
+        layer.bias.add_(shift)

@@ -1,0 +1,133 @@
+"""Fake quantization and scale search against float64 re-derivations."""
+
+import numpy as np
+import pytest
+import torch
+
+from aphq_cli.quant.primitives import (candidate_ranges, dequantize, fake_quantize, head_ranges,
+                                       matmul_percentiles, quantize, round_ste, row_quantile, search_rowwise)
+
+
+def _reference(x, s, z, bits):
+    """Float64 numpy re-derivation with round-half-to-even, as torch.round does."""
+    q = np.clip(np.round(x / s) + z, 0, 2 ** bits - 1)
+    return (q - z) * s
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_fake_quantize_matches_float64_reference(bits):
+    rng = np.random.default_rng(bits)
+    x = rng.normal(size=(6, 50)) * rng.uniform(0.1, 3, size=(6, 1))
+    s = rng.uniform(0.01, 0.5, size=(6, 1))
+    z = rng.integers(0, 2 ** bits, size=(6, 1)).astype(float)
+    got = fake_quantize(torch.tensor(x), torch.tensor(s), torch.tensor(z), bits)
+    np.testing.assert_allclose(got.numpy(), _reference(x, s, z, bits), rtol=0, atol=1e-12)
+    codes = quantize(torch.tensor(x), torch.tensor(s), torch.tensor(z), bits)
+    assert codes.dtype == torch.uint8 and int(codes.max()) <= 2 ** bits - 1
+    np.testing.assert_allclose(dequantize(codes, torch.tensor(s), torch.tensor(z)).numpy(),
+                               _reference(x, s, z, bits), atol=1e-6)
+
+
+def test_hand_computed_4bit():
+    # s = 0.5, z = 3, 4 bits: codes 0..15 cover [-1.5, 6.0].
+    x = torch.tensor([-2.0, -1.5, -0.26, 0.0, 0.74, 0.76, 6.0, 7.3])
+    got = fake_quantize(x, torch.tensor(0.5), torch.tensor(3.0), 4)
+    assert got.tolist() == [-1.5, -1.5, -0.5, 0.0, 0.5, 1.0, 6.0, 6.0]
+
+
+def test_round_ste_gradient_is_identity():
+    x = torch.tensor([0.2, 1.7, -3.4], requires_grad=True)
+    round_ste(x).sum().backward()
+    assert x.grad.tolist() == [1.0, 1.0, 1.0]
+
+
+def test_row_quantile_matches_numpy_lower():
+    x = torch.randn(3, 1001, dtype=torch.float64)
+    for q in (0.001, 0.5, 0.999):
+        ref = np.quantile(x.numpy(), q, axis=1, method="nearest")
+        np.testing.assert_allclose(row_quantile(x, q).numpy(), ref)
+
+
+def test_candidate_ranges_span_percentile_to_full():
+    x = torch.linspace(-1, 3, 10001)[None]
+    lo, hi = candidate_ranges(x, 0.999, 8)
+    assert lo.shape == hi.shape == (8, 1)
+    assert hi[-1, 0] == 3 and lo[-1, 0] == -1
+    assert torch.all(hi[1:] >= hi[:-1]) and torch.all(lo[1:] <= lo[:-1])
+    assert abs(float(hi[0, 0]) - 2.996) < 1e-3
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
+def test_search_beats_min_max_and_is_per_row(bits):
+    torch.manual_seed(bits)
+    x = torch.randn(4, 4096) * torch.tensor([[0.1], [1.0], [5.0], [0.5]])
+    x[1, 0] = 40.0  # one outlier: clipping it pays off at low bit-width
+    s, z = search_rowwise(x, bits)
+    assert s.shape == z.shape == (4,)
+    err = (fake_quantize(x, s[:, None], z[:, None], bits) - x).pow(2).mean(1)
+    lo, hi = x.min(1).values, x.max(1).values
+    s0 = (hi - lo) / (2 ** bits - 1)
+    z0 = torch.round(-lo / s0)
+    err0 = (fake_quantize(x, s0[:, None], z0[:, None], bits) - x).pow(2).mean(1)
+    assert torch.all(err <= err0 * (1 + 1e-6))
+    assert torch.all(z == z.round()) and torch.all((z >= 0) & (z <= 2 ** bits - 1))
+
+
+def test_search_handles_one_sided_inputs():
+    x = torch.relu(torch.randn(1, 20000))  # post-ReLU: the zero point belongs at 0
+    s, z = search_rowwise(x, 8)
+    assert z.item() <= 8
+    assert (fake_quantize(x, s, z, 8) - x).pow(2).mean() < 1e-4
+    s0, z0 = search_rowwise(x, 4, fixed_zero=True)
+    assert z0.item() == 0 and s0.item() > 0
+
+
+def test_centring_on_the_midpoint_would_fail_asymmetric_rows():
+    # Why the zero points are centred on the range: an asymmetric 8-bit row
+    # needs z near 10, far outside 128 +- 8.
+    x = torch.linspace(-0.1, 2.4, 1001)[None]
+    s, z = search_rowwise(x, 8)
+    assert abs(z.item() - 10) <= 2
+    assert (fake_quantize(x, s, z, 8) - x).abs().max() <= s.item() / 2 + 1e-6
+
+
+def test_matmul_percentiles():
+    p = matmul_percentiles()
+    assert len(p) == 129 and p[0] == 0.999 and p[-1] == 1.0
+    assert abs(p[-2] - 0.99999) < 1e-12 and all(a <= b for a, b in zip(p, p[1:]))
+
+
+def test_head_ranges_are_per_head():
+    x = torch.randn(8, 3, 49, 16) * torch.tensor([0.1, 1.0, 10.0])[None, :, None, None]
+    lo, hi = head_ranges(x, [1.0])
+    assert lo.shape == (1, 3)
+    torch.testing.assert_close(hi[0], x.transpose(0, 1).reshape(3, -1).max(1).values)
+    torch.testing.assert_close(lo[0], x.transpose(0, 1).reshape(3, -1).min(1).values)
+
+
+def test_search_matmul_improves_on_full_range_per_head():
+    from aphq_cli.quant.primitives import search_matmul
+
+    torch.manual_seed(0)
+    a = torch.randn(16, 2, 49, 8)
+    a[:, 1] *= 5
+    a[0, 0, 0, 0] = 60.0  # an outlier in head 0 only
+    b = torch.randn(16, 2, 8, 49)
+    ref = a @ b
+    sa, za, sb, zb = search_matmul(a, b, 4, matmul_percentiles(eq_n=16), rounds=2)
+    assert sa.shape == (2,)
+
+    def err(sa, za, sb, zb):
+        v = lambda t: t.view(1, -1, 1, 1)
+        out = fake_quantize(a, v(sa), v(za), 4) @ fake_quantize(b, v(sb), v(zb), 4)
+        return (out - ref).pow(2).sum(dim=(0, 2, 3))
+
+    def minmax(x):
+        lo = x.transpose(0, 1).reshape(2, -1).min(1).values
+        hi = x.transpose(0, 1).reshape(2, -1).max(1).values
+        s = (hi - lo) / 15
+        return s, torch.round(-lo / s)
+
+    searched, full = err(sa, za, sb, zb), err(*minmax(a), *minmax(b))
+    assert torch.all(searched <= full)
+    assert searched[0] < 0.8 * full[0]  # clipping head 0's outlier pays off

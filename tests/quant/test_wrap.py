@@ -1,0 +1,94 @@
+"""Model wrapping and the RepQ scale reparameterization."""
+
+import torch
+from torch import nn
+
+from aphq_cli.models.swin import APHQSwinTransformer, SwinBlock
+from aphq_cli.quant.modules import QuantConv2d, QuantLinear, QuantMatMul, quantizers
+from aphq_cli.quant.primitives import fake_quantize, quantize, search_rowwise
+from aphq_cli.quant.wrap import fold_channel_scales, layer_norm_of, quantize_model, reparam_factors
+
+
+def _block(seed=0):
+    torch.manual_seed(seed)
+    block = SwinBlock(32, 2, 7, 3, 4.0, True, None, 0.0, 0.0, 0.0).eval()
+    with torch.no_grad():  # LayerNorm affine far from 1/0, channels of very different range
+        block.norm1.weight.copy_(torch.rand(32) * 3 + 0.1)
+        block.norm1.bias.copy_(torch.randn(32))
+    return block
+
+
+def test_reparameterization_keeps_the_float_output():
+    block = _block()
+    wrapped = quantize_model(nn.Sequential(block), 4, 4)[0]
+    x = torch.randn(2, 14, 21, 32)
+    with torch.no_grad():
+        before = wrapped(x)
+        y = wrapped.norm1(x).reshape(-1, 32)
+        s_c, z_c = search_rowwise(y.T.contiguous(), 4)
+        _, _, r, b = reparam_factors(s_c, z_c, 4)
+        fold_channel_scales(wrapped.norm1, wrapped.attn.qkv, r, b)
+        after = wrapped(x)
+    # float32: the fold rescales by r (up to ~10x here) and shifts by b, which
+    # changes rounding of sums over 32 channels: a few ulps of outputs of size
+    # ~1-10, so 1e-5 absolute and relative is what float32 allows.
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(wrapped.norm1.weight, _block().norm1.weight)
+
+
+def test_folded_per_tensor_grid_equals_the_per_channel_grid():
+    # y' = y / r - b quantized with the common (s, z) gives the same integer
+    # codes as y quantized channel by channel with (s_c, z_c):
+    # y'/s + z = y/s_c + z_c exactly, since b_c/s = z - z_c.
+    torch.manual_seed(0)
+    y = torch.randn(5000, 16, dtype=torch.float64) * torch.rand(16, dtype=torch.float64) * 4 + torch.randn(16)
+    s_c, z_c = search_rowwise(y.T.contiguous(), 4)
+    s_c, z_c = s_c.double(), z_c.double()
+    s, z, r, b = reparam_factors(s_c, z_c, 4)
+    per_channel = quantize(y, s_c, z_c, 4)
+    folded = quantize(y / r - b, s, z, 4)
+    # Equal but for values within float64 rounding of a .5 tie.
+    assert (folded == per_channel).double().mean() > 0.9999
+
+
+def test_quantize_model_replaces_every_layer():
+    model = nn.ModuleDict({"backbone": APHQSwinTransformer(embed_dim=16, depths=(2, 2), num_heads=(1, 2),
+                                                           out_indices=(0, 1))})
+    n_linear = sum(type(m) is nn.Linear for m in model.modules())
+    quantize_model(model, 4, 4)
+    assert not any(type(m) in (nn.Linear, nn.Conv2d) for m in model.modules())
+    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == n_linear
+    assert sum(isinstance(m, QuantMatMul) for m in model.modules()) == 2 * 4
+    proj = model["backbone"].patch_embed.proj
+    assert isinstance(proj, QuantConv2d) and proj.a_quant.bits == 8 and proj.w_quant.bits == 4
+    assert not any(q.enabled for q in quantizers(model).values())  # float until calibrated
+
+
+def test_disabled_quantizers_are_the_identity():
+    torch.manual_seed(0)
+    ref = APHQSwinTransformer(embed_dim=16, depths=(2, 2), num_heads=(1, 2), out_indices=(0, 1)).eval()
+    wrapped = APHQSwinTransformer(embed_dim=16, depths=(2, 2), num_heads=(1, 2), out_indices=(0, 1)).eval()
+    wrapped.load_state_dict(ref.state_dict())
+    quantize_model(wrapped, 4, 4)
+    x = torch.randn(1, 3, 40, 52)
+    with torch.no_grad():
+        for a, b in zip(ref(x), wrapped(x)):
+            assert torch.equal(a, b)
+
+
+def test_enabled_quantizer_matches_the_primitive():
+    lin = QuantLinear(nn.Linear(8, 4), 4, 4)
+    lin.a_quant.set_params(torch.tensor(0.1), torch.tensor(7.0))
+    lin.w_quant.set_params(torch.full((4,), 0.02), torch.full((4,), 8.0))
+    x = torch.randn(3, 8)
+    expected = nn.functional.linear(fake_quantize(x, torch.tensor(0.1), torch.tensor(7.0), 4),
+                                    fake_quantize(lin.weight, torch.full((4, 1), 0.02), torch.full((4, 1), 8.0), 4),
+                                    lin.bias)
+    assert torch.equal(lin(x), expected)
+
+
+def test_layer_norm_of():
+    assert layer_norm_of("backbone.layers.1.blocks.0.attn.qkv") == "backbone.layers.1.blocks.0.norm1"
+    assert layer_norm_of("backbone.layers.1.blocks.0.mlp.fc1") == "backbone.layers.1.blocks.0.norm2"
+    assert layer_norm_of("backbone.layers.2.downsample.reduction") == "backbone.layers.2.downsample.norm"
+    assert layer_norm_of("backbone.layers.1.blocks.0.mlp.fc2") is None
