@@ -44,7 +44,7 @@ evaluation = dict(metric=['bbox', 'segm'])
 # Default data: the synthetic dataset, generated into the cache on first use.
 aphq_testbed = True
 # Stage defaults for the testbed's small images and CPU budget (method.md's
-# values stay the defaults for the COCO models): 4 calibration images, and a
-# coarser matmul percentile grid over fewer windows so calibration takes
-# seconds on two cores.
-aphq_defaults = dict(calibrate=dict(calib_images=4, matmul_eq_n=32, max_windows=64))
+# values stay the defaults for the COCO models): 4 calibration images, a
+# smaller sample of each layer's input, and a coarser matmul percentile grid
+# over fewer windows, so calibration takes seconds on two cores.
+aphq_defaults = dict(calibrate=dict(calib_images=4, matmul_eq_n=32, max_windows=64, max_values=200_000))

@@ -1,0 +1,150 @@
+"""Run folders: where each stage's artifact lives, what a stage starts from, and reloading.
+
+A run folder holds one artifact per stage (``calibrate.safetensors``, ...).
+:class:`ModelSource` gathers what every stage starts from (model config,
+checkpoint, data) with their fingerprints; :func:`load_stage` rebuilds the
+quantized detector of a stage from its artifact alone, never re-running it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from aphq_cli.errors import AphqError
+
+STAGES = ("calibrate",)  # in pipeline order; later stages build on earlier ones
+
+
+def stage_path(run: Path, stage: str) -> Path:
+    """``run/<stage>.safetensors`` (dashes become underscores)."""
+    return Path(run) / f"{stage.replace('-', '_')}.safetensors"
+
+
+@dataclass
+class ModelSource:
+    """The inputs a stage starts from.
+
+    Attributes:
+        spec: the model (built-in or config file).
+        cfg: its parsed mmdetection config.
+        checkpoint: the weights file.
+        data: the COCO-layout folder, or None for the config's own data_root.
+    """
+
+    spec: object
+    cfg: object
+    checkpoint: Path
+    data: Path | None
+    trust_checkpoint: bool = False
+
+    @classmethod
+    def open(cls, model: str, checkpoint: Path | None, data: Path | None, *,
+             trust_checkpoint: bool = False) -> "ModelSource":
+        from aphq_cli.models.zoo import default_data_dir, load_config, resolve_model
+
+        spec = resolve_model(model)
+        if checkpoint is None:
+            if spec.weights is None:
+                raise AphqError(f"model {spec.name} has no bundled weights; pass --checkpoint PATH")
+            checkpoint = spec.weights
+        checkpoint = Path(checkpoint)
+        if not checkpoint.is_file():
+            raise AphqError(f"checkpoint {checkpoint} does not exist")
+        cfg = load_config(spec)
+        if data is None:
+            data = default_data_dir(cfg)
+        return cls(spec, cfg, checkpoint.resolve(), Path(data).resolve() if data else None, trust_checkpoint)
+
+    def dataset(self, split: str, limit: int | None = None, image_ids=None):
+        from aphq_cli.data.coco import build_dataset
+        return build_dataset(self.cfg, split, self.data, limit=limit, image_ids=image_ids)
+
+    def fingerprints(self, dataset) -> dict[str, str]:
+        from aphq_cli.artifacts import sha256_file
+        from aphq_cli.data.coco import fingerprint_dataset
+        return {"checkpoint": sha256_file(self.checkpoint), "data": fingerprint_dataset(dataset)}
+
+    def header(self, dataset) -> dict:
+        """What an artifact records so that :func:`load_stage` can rebuild the model."""
+        from aphq_cli.models.zoo import CONFIG_DIR
+        builtin = Path(self.spec.config).parent == CONFIG_DIR
+        model = self.spec.name if builtin else str(Path(self.spec.config).resolve())
+        return {"model": model, "checkpoint": str(self.checkpoint), "data": str(self.data or ""),
+                "image_ids": [int(i) for i in dataset.img_ids]}
+
+    def build(self, device) -> torch.nn.Module:
+        """The float detector with its checkpoint loaded, on ``device``."""
+        from aphq_cli.devices import resolve_device
+        from aphq_cli.models.zoo import load_model
+        detector, _, _ = load_model(self.spec, self.checkpoint, trust_pickle=self.trust_checkpoint,
+                                    device=resolve_device(str(device)), cfg=self.cfg)
+        return detector
+
+    def batches(self, dataset, device) -> Iterator[dict]:
+        """Model inputs for each image of ``dataset`` on ``device``, in order."""
+        from aphq_cli.data.coco import build_loader, to_device
+        for batch in build_loader(dataset):
+            yield to_device(batch, device)
+
+
+def newest_stage(run: Path) -> str:
+    """The latest pipeline stage whose artifact exists in ``run``."""
+    if not Path(run).is_dir():
+        raise AphqError(f"run folder {run} does not exist")
+    for stage in reversed(STAGES):
+        if stage_path(run, stage).is_file():
+            return stage
+    raise AphqError(f"run folder {run} holds no stage artifact yet (run `aphq calibrate --run {run}` first)")
+
+
+def apply_params(model: torch.nn.Module, params: dict[str, torch.Tensor]) -> None:
+    """Copy stored parameters into ``model``; a bias the float model lacked is created."""
+    state = model.state_dict()
+    for name, value in params.items():
+        if name in state:
+            state[name].copy_(value)
+            continue
+        owner, _, attr = name.rpartition(".")
+        module = model.get_submodule(owner)
+        if getattr(module, attr, "absent") is not None:
+            raise AphqError(f"artifact tensor {name} has no place in this model")
+        setattr(module, attr, torch.nn.Parameter(value.clone().to(next(model.parameters()).device)))
+
+
+def load_stage(run: Path, stage: str | None = None, device="cpu", *, trust_checkpoint: bool = False):
+    """Rebuild the quantized detector a stage's artifact describes.
+
+    The checkpoint recorded in the artifact must still have the fingerprint
+    it had when the stage ran.
+
+    Returns:
+        ``(detector, source, header)``.
+    """
+    from aphq_cli.artifacts import load_artifact, read_header, sha256_file
+    from aphq_cli.quant.modules import load_quant_state
+    from aphq_cli.quant.wrap import quantize_model
+
+    stage = stage or newest_stage(run)
+    if stage not in STAGES:
+        raise AphqError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
+    path = stage_path(run, stage)
+    header = read_header(path)
+    config = header.config
+    source = ModelSource.open(config["model"], Path(config["checkpoint"]), Path(config["data"]) if config["data"]
+                              else None, trust_checkpoint=trust_checkpoint)
+    if sha256_file(source.checkpoint) != header.inputs["checkpoint"]:
+        raise AphqError(f"checkpoint {source.checkpoint} changed since {path} was made; rerun the stage")
+    tensors, header = load_artifact(path, stage=stage)
+    detector = source.build(device)
+    bits = config["calibrate"]
+    quantize_model(detector, bits["w_bits"], bits["a_bits"])
+    apply_params(detector, {k[len("param:"):]: v for k, v in tensors.items() if k.startswith("param:")})
+    try:
+        load_quant_state(detector, {k[len("quant:"):]: v for k, v in tensors.items() if k.startswith("quant:")})
+    except KeyError as err:
+        raise AphqError(f"{path} does not match model {config['model']}: no quantizer state for {err}") from err
+    return detector.to(device), source, header

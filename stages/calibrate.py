@@ -1,0 +1,160 @@
+"""Stage: calibrate. The quantized detector with searched scales (method.md §2-3).
+
+Writes ``RUN/calibrate.safetensors``: every quantizer's scale and zero point
+(``quant:<module>.scale``/``.zero_point``) and the parameters the scale
+reparameterization changed (``param:<name>``). The header records the model,
+checkpoint, calibration images and settings, and their fingerprints, so the
+same inputs again are a cache hit and :func:`aphq_cli.runs.load_stage` can
+rebuild the quantized model without calibrating again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from aphq_cli.errors import AphqError
+from aphq_cli.quant.calib import SearchSettings
+
+STAGE = "calibrate"
+CONFIG_VERSION = 1
+
+
+@dataclass(frozen=True)
+class CalibrateConfig(SearchSettings):
+    """Typed, versioned settings of the calibrate stage: the search settings plus the data.
+
+    Attributes:
+        calib_images: the first N training images (test pipeline). The paper
+            uses 1 for COCO; testbed configs set their own default.
+        version: bumps when a setting's meaning changes.
+    """
+
+    calib_images: int = 1
+    version: int = field(default=CONFIG_VERSION)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.calib_images < 1:
+            raise AphqError(f"--calib-images must be at least 1, got {self.calib_images}")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "CalibrateConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise AphqError(f"unknown calibrate setting(s): {', '.join(unknown)}")
+        return cls(**values)
+
+
+def resolve_config(cfg, overrides: dict) -> CalibrateConfig:
+    """Defaults, then the model config's ``aphq_defaults.calibrate``, then the command line."""
+    values = dict(cfg.get("aphq_defaults", {}).get("calibrate", {}))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return CalibrateConfig.from_dict(values)
+
+
+def calibrate(*, model: str, run: Path, w_bits: int | None = None, a_bits: int | None = None,
+              calib_images: int | None = None, checkpoint: Path | None = None, data: Path | None = None,
+              image_list: Path | None = None, device: str = "cpu", force: bool = False,
+              trust_checkpoint: bool = False, settings: dict | None = None, progress=None) -> tuple[Path, bool]:
+    """Calibrate ``model`` into ``run/calibrate.safetensors``.
+
+    Args:
+        model: built-in name or mmdetection config path.
+        run: the run folder.
+        w_bits, a_bits, calib_images: override the config defaults.
+        image_list: a text file of training image ids (one per line) to
+            calibrate on instead of the first ``calib_images`` images.
+        settings: further :class:`CalibrateConfig` fields.
+        force: recompute even when the artifact is current.
+        progress: optional callable ``(done, total)``.
+
+    Returns:
+        ``(artifact path, cache hit)``.
+    """
+    from aphq_cli.artifacts import is_current, save_artifact
+    from aphq_cli.runs import ModelSource, stage_path
+
+    overrides = dict(settings or {}, w_bits=w_bits, a_bits=a_bits, calib_images=calib_images)
+    CalibrateConfig.from_dict({k: v for k, v in overrides.items() if v is not None})  # fail fast on bad options
+    source = ModelSource.open(model, checkpoint, data, trust_checkpoint=trust_checkpoint)
+    config = resolve_config(source.cfg, overrides)
+    if image_list is not None:
+        dataset = source.dataset("calib", image_ids=read_image_list(image_list))
+        config = CalibrateConfig.from_dict({**asdict(config), "calib_images": len(dataset)})
+    else:
+        dataset = source.dataset("calib", limit=config.calib_images)
+    out = stage_path(run, STAGE)
+    inputs = source.fingerprints(dataset) | {"options": _options_fingerprint(config)}
+    if not force and is_current(out, stage=STAGE, inputs=inputs):
+        return out, True
+
+    detector, params_before = build_calibrated(source, config, dataset, device, progress=progress)
+    tensors = quantized_tensors(detector, params_before)
+    header = source.header(dataset) | {"calibrate": asdict(config)}
+    save_artifact(out, tensors, stage=STAGE, config=header, inputs=inputs,
+                  extra={"model": source.spec.name})
+    return out, False
+
+
+def read_image_list(path: Path) -> list[int]:
+    """Image ids from a text file: one integer per line; blank lines and ``#`` comments ignored."""
+    path = Path(path)
+    if not path.is_file():
+        raise AphqError(f"image list {path} does not exist")
+    ids = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        try:
+            ids.append(int(line))
+        except ValueError:
+            raise AphqError(f"image list {path} line {n} is not an image id: {line!r}") from None
+    if not ids:
+        raise AphqError(f"image list {path} names no image")
+    return ids
+
+
+def build_calibrated(source, config: CalibrateConfig, dataset, device, progress=None):
+    """The float detector of ``source``, quantized and calibrated on ``dataset``, in memory.
+
+    Returns:
+        ``(detector, float state dict before calibration)``.
+    """
+    from aphq_cli.quant.calib import calibrate_model
+    from aphq_cli.quant.wrap import quantize_model
+
+    detector = source.build(device)
+    params_before = {k: v.clone() for k, v in detector.state_dict().items()}
+    quantize_model(detector, config.w_bits, config.a_bits)
+    calibrate_model(detector, source.batches(dataset, device), config, images=len(dataset), forward=_forward,
+                    progress=progress)
+    return detector, params_before
+
+
+def _options_fingerprint(config: CalibrateConfig) -> str:
+    from aphq_cli.artifacts import sha256_json
+    return sha256_json(asdict(config))
+
+
+def _forward(detector, batch) -> None:
+    with torch.no_grad():
+        detector(return_loss=False, rescale=True, **batch)
+
+
+def quantized_tensors(detector, params_before: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Quantizer state plus every parameter that differs from the float model's."""
+    from aphq_cli.quant.modules import quant_state
+
+    quant = quant_state(detector)
+    tensors = {f"quant:{k}": v for k, v in quant.items()}
+    for name, value in detector.state_dict().items():
+        if name in quant:
+            continue
+        if name not in params_before or not torch.equal(params_before[name], value):
+            tensors[f"param:{name}"] = value.detach().clone()
+    return tensors

@@ -1,0 +1,93 @@
+"""aphq calibrate: config checks, caching, and save -> load -> identical predictions."""
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from aphq_cli.cli import app
+from aphq_cli.errors import AphqError
+from aphq_cli.runs import ModelSource, load_stage
+from stages.calibrate import CalibrateConfig, build_calibrated, calibrate, resolve_config
+from stages.eval import run_inference
+
+FAST = {"eq_n": 32, "matmul_eq_n": 8, "search_round": 1, "max_windows": 16}
+
+
+@pytest.mark.parametrize("bits", [1, 9, 0, 2.5])
+def test_bits_out_of_range(bits):
+    with pytest.raises(AphqError, match="must be an integer from 2 to 8"):
+        CalibrateConfig(w_bits=bits)
+
+
+def test_unknown_setting_is_an_error():
+    with pytest.raises(AphqError, match="unknown calibrate setting"):
+        CalibrateConfig.from_dict({"w_bit": 4})
+
+
+def test_testbed_defaults_come_from_the_config(synth_dir, random_tiny_checkpoint):
+    source = ModelSource.open("tiny-mask-rcnn", random_tiny_checkpoint, synth_dir)
+    config = resolve_config(source.cfg, {"w_bits": 6, "calib_images": None})
+    assert config.calib_images == 4 and config.matmul_eq_n == 32 and config.w_bits == 6
+    full = ModelSource.open("mask-rcnn-swin-t", random_tiny_checkpoint, synth_dir)
+    assert resolve_config(full.cfg, {}).calib_images == 1  # the paper's calib_size
+
+
+def _predictions(detector, source, n=2):
+    return run_inference(detector, source.dataset("test", limit=n), device="cpu")
+
+
+def _same(a, b):
+    for (bb_a, sg_a), (bb_b, sg_b) in zip(a, b):
+        assert all(np.array_equal(x, y) for x, y in zip(bb_a, bb_b))
+        assert sg_a == sg_b
+
+
+def test_save_load_gives_identical_predictions_and_cache_hits(synth_dir, random_tiny_checkpoint, tmp_path):
+    run = tmp_path / "run"
+    kwargs = dict(model="tiny-mask-rcnn", run=run, w_bits=4, a_bits=4, calib_images=1,
+                  checkpoint=random_tiny_checkpoint, data=synth_dir, settings=FAST)
+    path, hit = calibrate(**kwargs)
+    assert not hit and path == run / "calibrate.safetensors"
+    source = ModelSource.open("tiny-mask-rcnn", random_tiny_checkpoint, synth_dir)
+    config = resolve_config(source.cfg, dict(FAST, w_bits=4, a_bits=4, calib_images=1))
+    in_memory, _ = build_calibrated(source, config, source.dataset("calib", limit=1), "cpu")
+    loaded, _, header = load_stage(run)
+    assert header.config["calibrate"]["w_bits"] == 4
+    _same(_predictions(in_memory, source), _predictions(loaded, source))
+    # The quantized model differs from the float one.
+    fp = source.build("cpu")
+    assert not all(np.array_equal(a[0][0], b[0][0]) for a, b in
+                   zip(_predictions(fp, source), _predictions(loaded, source)))
+    mtime = path.stat().st_mtime_ns
+    assert calibrate(**kwargs) == (path, True) and path.stat().st_mtime_ns == mtime
+    assert calibrate(**kwargs, force=True) == (path, False)
+
+
+def test_cli_rejects_bits_before_touching_the_run(tmp_path):
+    run = tmp_path / "run"
+    result = CliRunner().invoke(app, ["calibrate", "--run", str(run), "--w-bits", "9"])
+    assert result.exit_code == 2
+    assert "--w-bits must be an integer from 2 to 8, got 9" in result.output
+    assert not run.exists()
+
+
+def test_eval_of_empty_run_is_one_sentence(tmp_path):
+    (tmp_path / "run").mkdir()
+    result = CliRunner().invoke(app, ["eval", "--run", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "holds no stage artifact yet" in result.output
+
+
+def test_image_list(tmp_path, synth_dir):
+    from stages.calibrate import read_image_list
+
+    good = tmp_path / "ids.txt"
+    good.write_text("# calibration images\n3\n\n1  # the first\n")
+    assert read_image_list(good) == [3, 1]
+    bad = tmp_path / "bad.txt"
+    bad.write_text("3\nthree\n")
+    with pytest.raises(AphqError, match="line 2 is not an image id: 'three'"):
+        read_image_list(bad)
+    source = ModelSource.open("tiny-mask-rcnn", good, synth_dir)  # any file serves as checkpoint here
+    assert source.dataset("calib", image_ids=[3, 1]).img_ids == [3, 1]
+    with pytest.raises(AphqError, match=r"image id\(s\) \[999\] are not in"):
+        source.dataset("calib", image_ids=[999])
