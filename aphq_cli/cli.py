@@ -8,6 +8,7 @@ stderr and a non-zero exit; ``--verbose`` adds the traceback.
 from __future__ import annotations
 
 import functools
+import logging
 import sys
 import warnings
 from pathlib import Path
@@ -109,6 +110,8 @@ def calibrate_cmd(
     a_bits: Optional[int] = typer.Option(None, "--a-bits", help="Activation bits, 2-8 (default 4)."),
     calib_images: Optional[int] = typer.Option(
         None, "--calib-images", help="First N training images (default: 1, as the paper; testbed: its config)."),
+    image_list: Optional[Path] = typer.Option(
+        None, "--image-list", help="Text file of training image ids to calibrate on instead, one per line."),
     checkpoint: Optional[Path] = CheckpointOpt,
     data: Optional[Path] = DataOpt,
     device: str = DeviceOpt,
@@ -121,11 +124,31 @@ def calibrate_cmd(
 
     with progress_bar("calibrate: layers") as update:
         path, hit = calibrate(model=model, run=run, w_bits=w_bits, a_bits=a_bits, calib_images=calib_images,
-                              checkpoint=checkpoint, data=data, device=device, force=force,
+                              image_list=image_list, checkpoint=checkpoint, data=data, device=device, force=force,
                               trust_checkpoint=trust_checkpoint, progress=update)
     if hit:
         err.print(f"{path} is current (same checkpoint, data and options); --force recomputes it")
     print(path)
+
+
+@app.command("demo")
+@user_errors
+def demo_cmd(
+    model: str = typer.Option("tiny-mask-rcnn", "--model", "-m", help="A testbed model."),
+    run: Path = typer.Option(Path("runs/demo"), "--run", "-r", help="Run folder for the stage artifacts."),
+    w_bits: int = typer.Option(4, "--w-bits"),
+    a_bits: int = typer.Option(4, "--a-bits"),
+    limit: Optional[int] = typer.Option(None, "--limit", "-n", help="Evaluate on the first N val images only."),
+    device: str = DeviceOpt,
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the table as JSON."),
+) -> None:
+    """The whole chain on the synthetic testbed, with no download: AP and time per stage."""
+    from aphq_cli.demo import print_demo, run_demo
+
+    rows = run_demo(model=model, run=run, w_bits=w_bits, a_bits=a_bits, limit=limit, device=device,
+                    json_path=json_path)
+    print_demo(rows, f"aphq demo: {model}, W{w_bits}A{a_bits}, run folder {run}")
+    print(run)
 
 
 @app.command("models")
@@ -163,7 +186,9 @@ def synth_cmd(
 
 def main() -> None:
     """Console-script entry point."""
-    # mmcv/mmdetection announce deprecations users cannot act on.
+    # mmcv/mmdetection announce deprecations users cannot act on, and mmcv's
+    # import makes torch log that a CPU machine has no CUDA.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"(mmcv|mmdet)\b")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     app(prog_name="aphq")
