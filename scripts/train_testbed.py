@@ -1,0 +1,150 @@
+"""Train a testbed detector on the synthetic dataset, on CPU, and bundle its weights.
+
+    .venv/bin/python scripts/train_testbed.py --model tiny-mask-rcnn --iters 1500
+    .venv/bin/python scripts/train_testbed.py --model tiny-cascade-mask-rcnn --iters 800 \
+        --init aphq_cli/models/weights/tiny-mask-rcnn.safetensors
+
+Writes ``aphq_cli/models/weights/<model>.safetensors`` (float16 to keep the
+repository small; the models run in float32) and ``<model>.json``, the record
+of how it was made: command, seed, data spec, iterations, wall time, losses
+and the FP box/mask AP on the synthetic val split. ``--init`` starts from
+another testbed model's weights wherever names and shapes agree (the cascade
+reuses the Mask R-CNN's backbone, FPN and RPN), which is recorded too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from aphq_cli.artifacts import atomic_write_text, sha256_file
+from aphq_cli.console import err, metrics_table, progress_bar
+from aphq_cli.data.coco import build_dataset, to_device
+from aphq_cli.data.synth import SynthSpec, ensure_dataset
+from aphq_cli.models.checkpoint import read_state_dict, save_checkpoint
+from aphq_cli.models.zoo import WEIGHTS_DIR, build_model, load_config, resolve_model
+from stages.eval import coco_metrics, run_inference
+
+
+def lr_at(step: int, total: int, base: float, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 1 % of ``base``."""
+    if step < warmup:
+        return base * (0.1 + 0.9 * step / warmup)
+    t = (step - warmup) / max(1, total - warmup)
+    return base * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def init_from(model: torch.nn.Module, path: Path) -> int:
+    """Copy tensors whose names and shapes match; returns how many."""
+    state, own = read_state_dict(path), model.state_dict()
+    shared = {k: v.float() for k, v in state.items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(shared, strict=False)
+    return len(shared)
+
+
+def train_loader(cfg, data_dir: Path, batch: int, workers: int, seed: int):
+    from mmdet.datasets import build_dataloader
+    from mmdet.datasets import build_dataset as mmdet_build
+
+    from aphq_cli.data.coco import with_data_root
+
+    split = with_data_root(cfg.data.train, data_dir, cfg.get("data_root"))
+    dataset = mmdet_build(split)
+    return build_dataloader(dataset, samples_per_gpu=batch, workers_per_gpu=workers, dist=False,
+                            shuffle=True, seed=seed, persistent_workers=workers > 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="tiny-mask-rcnn")
+    ap.add_argument("--iters", type=int, default=1500)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--weight-decay", type=float, default=0.05)
+    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--init", type=Path, default=None, help="start from these weights where they fit")
+    ap.add_argument("--out", type=Path, default=None, help="default: the package's weights folder")
+    args = ap.parse_args(argv)
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    spec = SynthSpec()
+    with progress_bar("synthetic data") as update:
+        data_dir = ensure_dataset(spec, progress=update)
+    model_spec = resolve_model(args.model)
+    cfg = load_config(model_spec)
+    model = build_model(cfg)
+    reused = init_from(model, args.init) if args.init else 0
+    loader = train_loader(cfg, data_dir, args.batch, args.workers, args.seed)
+
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "relative_position" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "relative_position" not in n)]
+    optim = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                               {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
+    model.train()
+    start, step, history = time.perf_counter(), 0, []
+    with progress_bar(f"train {args.model}") as update:
+        while step < args.iters:
+            for batch in loader:
+                if step >= args.iters:
+                    break
+                for group in optim.param_groups:
+                    group["lr"] = lr_at(step, args.iters, args.lr, args.warmup)
+                losses = model(return_loss=True, **to_device(batch, "cpu"))
+                loss, log_vars = model._parse_losses(losses)
+                optim.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=10.0)
+                optim.step()
+                step += 1
+                if step % 50 == 0 or step == args.iters:
+                    history.append({"iter": step, **{k: round(float(v), 4) for k, v in log_vars.items()}})
+                    err.print(f"iter {step}: " + " ".join(f"{k}={v:.3f}" for k, v in log_vars.items()
+                                                          if k in ("loss", "loss_rpn_cls", "loss_cls",
+                                                                   "loss_mask", "s0.loss_cls")))
+                update(step, args.iters)
+    train_seconds = time.perf_counter() - start
+
+    # Evaluate the weights as they will be bundled (float16 round trip).
+    model.eval()
+    half = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in half.items()})
+    dataset = build_dataset(cfg, "test", data_dir)
+    with progress_bar("eval") as update:
+        results = run_inference(model, dataset, device="cpu", progress=update)
+    metrics, _ = coco_metrics(dataset, results)
+    err.print(metrics_table(f"{args.model} FP on synthetic val ({len(dataset)} images)", {"FP": metrics}))
+
+    out = args.out or WEIGHTS_DIR / f"{args.model}.safetensors"
+    save_checkpoint(half, out, meta={"model": args.model, "classes": ",".join(cfg.classes)})
+    record = {
+        "model": args.model,
+        "command": "python scripts/train_testbed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "init_tensors_reused": reused,
+        "data_spec": spec.to_dict() | {"key": spec.key()},
+        "params": sum(p.numel() for p in model.parameters()),
+        "train_seconds": round(train_seconds, 1),
+        "machine": f"{torch.get_num_threads()} torch threads, torch {torch.__version__}",
+        "fp_metrics_val": metrics,
+        "weights_sha256": sha256_file(out),
+        "loss_history": history,
+    }
+    atomic_write_text(out.with_suffix(".json"), json.dumps(record, indent=2) + "\n")
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

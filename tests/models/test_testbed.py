@@ -1,0 +1,35 @@
+"""The bundled testbed detectors: strict loading and accuracy floors on the synthetic val split.
+
+Floors sit a few points under what docs/testbed.md records for the first 40
+val images, so a broken loader, pipeline or evaluation fails, while small
+numeric differences between machines do not.
+"""
+
+import json
+
+import pytest
+
+from aphq_cli.models.checkpoint import read_state_dict
+from aphq_cli.models.zoo import builtin_models, load_model
+from stages.eval import evaluate
+
+FLOORS = {"tiny-mask-rcnn": (35.0, 35.0), "tiny-cascade-mask-rcnn": (35.0, 35.0)}  # box, mask AP
+
+
+@pytest.mark.parametrize("name", list(FLOORS))
+def test_bundled_weights_are_small_and_load_strictly(name):
+    spec = builtin_models()[name]
+    assert spec.weights is not None and spec.weights.stat().st_size < 11 * 2 ** 20
+    record = json.loads(spec.weights.with_suffix(".json").read_text())
+    assert record["model"] == name and record["command"].startswith("python scripts/train_testbed.py")
+    model, _, path = load_model(name)  # strict: raises on any missing or unexpected key
+    assert path == spec.weights
+    assert set(read_state_dict(path)) == set(model.state_dict())
+
+
+@pytest.mark.parametrize("name", list(FLOORS))
+def test_bundled_weights_reach_their_floor(name):
+    result = evaluate(model=name, limit=40)
+    box, mask = FLOORS[name]
+    assert result.metrics["bbox_AP"] >= box
+    assert result.metrics["segm_AP"] >= mask
