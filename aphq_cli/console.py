@@ -44,6 +44,28 @@ def progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
             progress.stop()
 
 
+@contextlib.contextmanager
+def stage_progress() -> Iterator[Callable[[str, int, int], None]]:
+    """One bar per phase of a multi-phase stage; yields ``report(description, done, total)``."""
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
+    progress = Progress(*columns, console=err, transient=False)
+    tasks: dict[str, int] = {}
+
+    def report(description: str, done: int, total: int) -> None:
+        if not tasks:
+            progress.start()
+        if description not in tasks:
+            tasks[description] = progress.add_task(description, total=total)
+        progress.update(tasks[description], completed=done, total=total)
+
+    try:
+        yield report
+    finally:
+        if tasks:
+            progress.stop()
+
+
 def metrics_table(title: str, rows: dict[str, dict[str, float]]) -> Table:
     """Rows of ``{label: {"bbox_AP": ..}}`` as a box/mask AP table."""
     cols = ["AP", "AP50", "AP75", "APs", "APm", "APl"]

@@ -16,7 +16,17 @@ import torch
 
 from aphq_cli.errors import AphqError
 
-STAGES = ("calibrate",)  # in pipeline order; later stages build on earlier ones
+STAGES = ("mlp-recon", "calibrate")  # in pipeline order; later stages build on earlier ones
+
+
+def prepare_run(run: Path) -> Path:
+    """Create the run folder and check it is writable, before any long computation."""
+    from aphq_cli.artifacts import atomic_write_bytes
+
+    run = Path(run)
+    probe = atomic_write_bytes(run / ".aphq-write-check", b"")
+    probe.unlink()
+    return run
 
 
 def stage_path(run: Path, stage: str) -> Path:
@@ -76,19 +86,57 @@ class ModelSource:
         return {"model": model, "checkpoint": str(self.checkpoint), "data": str(self.data or ""),
                 "image_ids": [int(i) for i in dataset.img_ids]}
 
-    def build(self, device) -> torch.nn.Module:
-        """The float detector with its checkpoint loaded, on ``device``."""
+    def build(self, device, mlp_recon: Path | None = None) -> torch.nn.Module:
+        """The float detector with its checkpoint loaded, on ``device``.
+
+        Args:
+            mlp_recon: an mlp-recon artifact to apply (ReLU MLPs with their
+                reconstructed weights).
+        """
         from aphq_cli.devices import resolve_device
         from aphq_cli.models.zoo import load_model
         detector, _, _ = load_model(self.spec, self.checkpoint, trust_pickle=self.trust_checkpoint,
                                     device=resolve_device(str(device)), cfg=self.cfg)
+        if mlp_recon is not None:
+            from aphq_cli.artifacts import load_artifact
+            from stages.mlp_recon import apply_mlp_recon
+            apply_mlp_recon(detector, load_artifact(mlp_recon, stage="mlp-recon", device=device)[0])
         return detector
+
+    def images(self, dataset, device) -> "ImageSequence":
+        """The model input tensor of each image, loaded on access (memory holds one at a time)."""
+        return ImageSequence(dataset, device)
 
     def batches(self, dataset, device) -> Iterator[dict]:
         """Model inputs for each image of ``dataset`` on ``device``, in order."""
         from aphq_cli.data.coco import build_loader, to_device
         for batch in build_loader(dataset):
             yield to_device(batch, device)
+
+
+class ImageSequence:
+    """``seq[i]`` is image i of a dataset through its test pipeline, as a ``(1, 3, H, W)`` tensor."""
+
+    def __init__(self, dataset, device) -> None:
+        self.dataset, self.device = dataset, device
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return self.dataset[index]["img"][0].unsqueeze(0).to(self.device)
+
+
+def aph_cache(source: ModelSource, dataset, delta: float):
+    """The shared APH cache of (checkpoint, images, delta): float-model estimates reused by every run."""
+    from aphq_cli.artifacts import sha256_json
+    from aphq_cli.data.synth import default_cache_root
+    from aphq_cli.tensorcache import TensorCache
+
+    key = sha256_json(source.fingerprints(dataset) | {"delta": delta})[:16]
+    return TensorCache(default_cache_root() / "aph" / key, dtype=torch.float16)
 
 
 def newest_stage(run: Path) -> str:
@@ -139,7 +187,13 @@ def load_stage(run: Path, stage: str | None = None, device="cpu", *, trust_check
     if sha256_file(source.checkpoint) != header.inputs["checkpoint"]:
         raise AphqError(f"checkpoint {source.checkpoint} changed since {path} was made; rerun the stage")
     tensors, header = load_artifact(path, stage=stage)
-    detector = source.build(device)
+    if stage == "mlp-recon":
+        return source.build(device, mlp_recon=path), source, header
+    mlp = config.get("mlp_recon_artifact")
+    if mlp:
+        if not Path(mlp).is_file() or sha256_file(mlp) != header.inputs.get("mlp_recon"):
+            raise AphqError(f"{mlp} changed or is gone since {path} was made; rerun the stage")
+    detector = source.build(device, mlp_recon=Path(mlp) if mlp else None)
     bits = config["calibrate"]
     quantize_model(detector, bits["w_bits"], bits["a_bits"])
     apply_params(detector, {k[len("param:"):]: v for k, v in tensors.items() if k.startswith("param:")})

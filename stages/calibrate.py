@@ -10,7 +10,7 @@ rebuild the quantized model without calibrating again.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -75,8 +75,8 @@ def calibrate(*, model: str, run: Path, w_bits: int | None = None, a_bits: int |
     Returns:
         ``(artifact path, cache hit)``.
     """
-    from aphq_cli.artifacts import is_current, save_artifact
-    from aphq_cli.runs import ModelSource, stage_path
+    from aphq_cli.artifacts import is_current, read_header, save_artifact, sha256_file
+    from aphq_cli.runs import ModelSource, prepare_run, stage_path
 
     overrides = dict(settings or {}, w_bits=w_bits, a_bits=a_bits, calib_images=calib_images)
     CalibrateConfig.from_dict({k: v for k, v in overrides.items() if v is not None})  # fail fast on bad options
@@ -87,14 +87,24 @@ def calibrate(*, model: str, run: Path, w_bits: int | None = None, a_bits: int |
         config = CalibrateConfig.from_dict({**asdict(config), "calib_images": len(dataset)})
     else:
         dataset = source.dataset("calib", limit=config.calib_images)
-    out = stage_path(run, STAGE)
+    out = stage_path(prepare_run(run), STAGE)
+    mlp = stage_path(run, "mlp-recon")
+    mlp = mlp if mlp.is_file() else None
+    if mlp is not None:  # post-ReLU fc2 inputs: zero point fixed at 0 (method.md §2)
+        if read_header(mlp).inputs.get("checkpoint") != sha256_file(source.checkpoint):
+            raise AphqError(f"{mlp} was made from another checkpoint than {source.checkpoint}; "
+                            "use another run folder or rerun mlp-recon")
+        config = replace(config, fc2_zero=True)
     inputs = source.fingerprints(dataset) | {"options": _options_fingerprint(config)}
+    if mlp is not None:
+        inputs["mlp_recon"] = sha256_file(mlp)
     if not force and is_current(out, stage=STAGE, inputs=inputs):
         return out, True
 
-    detector, params_before = build_calibrated(source, config, dataset, device, progress=progress)
+    detector, params_before = build_calibrated(source, config, dataset, device, mlp_recon=mlp, progress=progress)
     tensors = quantized_tensors(detector, params_before)
-    header = source.header(dataset) | {"calibrate": asdict(config)}
+    header = source.header(dataset) | {"calibrate": asdict(config),
+                                       "mlp_recon_artifact": str(mlp.resolve()) if mlp else ""}
     save_artifact(out, tensors, stage=STAGE, config=header, inputs=inputs,
                   extra={"model": source.spec.name})
     return out, False
@@ -119,8 +129,9 @@ def read_image_list(path: Path) -> list[int]:
     return ids
 
 
-def build_calibrated(source, config: CalibrateConfig, dataset, device, progress=None):
-    """The float detector of ``source``, quantized and calibrated on ``dataset``, in memory.
+def build_calibrated(source, config: CalibrateConfig, dataset, device, mlp_recon: Path | None = None,
+                     progress=None):
+    """The float detector of ``source`` (after mlp-recon, if given), quantized and calibrated, in memory.
 
     Returns:
         ``(detector, float state dict before calibration)``.
@@ -128,7 +139,7 @@ def build_calibrated(source, config: CalibrateConfig, dataset, device, progress=
     from aphq_cli.quant.calib import calibrate_model
     from aphq_cli.quant.wrap import quantize_model
 
-    detector = source.build(device)
+    detector = source.build(device, mlp_recon=mlp_recon)
     params_before = {k: v.clone() for k, v in detector.state_dict().items()}
     quantize_model(detector, config.w_bits, config.a_bits)
     calibrate_model(detector, source.batches(dataset, device), config, images=len(dataset), forward=_forward,

@@ -91,3 +91,21 @@ def test_image_list(tmp_path, synth_dir):
     assert source.dataset("calib", image_ids=[3, 1]).img_ids == [3, 1]
     with pytest.raises(AphqError, match=r"image id\(s\) \[999\] are not in"):
         source.dataset("calib", image_ids=[999])
+
+
+def test_w8a8_stays_within_one_point_of_float(tmp_path):
+    """At 8 bits the bundled testbed model keeps its box AP within 1 point (first 40 val images)."""
+    from stages.eval import evaluate
+
+    fp = evaluate(model="tiny-mask-rcnn", limit=40)
+    calibrate(model="tiny-mask-rcnn", run=tmp_path / "w8a8", w_bits=8, a_bits=8)
+    q = evaluate(run=tmp_path / "w8a8", limit=40)
+    assert abs(q.metrics["bbox_AP"] - fp.metrics["bbox_AP"]) <= 1.0
+    assert q.metrics["bbox_AP"] > 0
+
+
+def test_unwritable_run_folder_fails_before_calibrating(tmp_path, synth_dir, random_tiny_checkpoint):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(AphqError, match="cannot create folder"):
+        calibrate(model="tiny-mask-rcnn", run=blocker / "run", checkpoint=random_tiny_checkpoint, data=synth_dir)

@@ -1,0 +1,55 @@
+"""On-disk caches of per-image tensors, so host memory does not grow with the image count.
+
+One safetensors file per (entry, image): a stage writes an image's tensors
+once and reads them back one image at a time during its iterations. Files are
+written atomically, so a killed writer never leaves a torn entry; an entry is
+complete when its ``DONE`` marker exists.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save
+
+from aphq_cli.artifacts import atomic_write_bytes, atomic_write_text
+
+
+class TensorCache:
+    """A folder of ``<entry>/<index>.safetensors`` files.
+
+    Args:
+        root: the cache folder.
+        dtype: floating tensors are stored in this dtype (float16 halves the
+            disk for APH weights) and read back as float32.
+    """
+
+    def __init__(self, root: Path, dtype: torch.dtype = torch.float32) -> None:
+        self.root = Path(root)
+        self.dtype = dtype
+
+    def _file(self, entry: str, index: int) -> Path:
+        return self.root / entry / f"{index:06d}.safetensors"
+
+    def put(self, entry: str, index: int, tensors: dict[str, torch.Tensor]) -> None:
+        stored = {k: (v.detach().to("cpu", self.dtype) if v.is_floating_point() else v.detach().cpu()).contiguous()
+                  for k, v in tensors.items()}
+        atomic_write_bytes(self._file(entry, index), save(stored))
+
+    def get(self, entry: str, index: int, device="cpu") -> dict[str, torch.Tensor]:
+        tensors = load_file(str(self._file(entry, index)))
+        return {k: (v.float() if v.is_floating_point() else v).to(device) for k, v in tensors.items()}
+
+    def complete(self, entry: str, count: int) -> bool:
+        """True when ``entry`` was finished with ``count`` items."""
+        marker = self.root / entry / "DONE"
+        return marker.is_file() and json.loads(marker.read_text()).get("count") == count
+
+    def finish(self, entry: str, count: int) -> None:
+        atomic_write_text(self.root / entry / "DONE", json.dumps({"count": count}))
+
+    def drop(self, entry: str) -> None:
+        shutil.rmtree(self.root / entry, ignore_errors=True)

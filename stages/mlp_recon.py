@@ -1,0 +1,247 @@
+"""Stage: mlp-recon. GELU -> ReLU in every Swin MLP, reconstructed block by block (method.md §5).
+
+For each Swin block in forward order, fc1 and fc2 are trained so that the
+ReLU MLP reproduces the float (GELU) MLP's output on the float MLP inputs,
+weighted by the block's APH estimate, plus the same error with the fc2 input
+clipped to [0, ub]. Each finished block is written atomically to
+``RUN/mlp_recon/blocks/``, so a killed run restarted with the same command
+continues after the last finished block and ends with the same result.
+``RUN/mlp_recon.safetensors`` holds every block's fc1/fc2 and clip bound.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from aphq_cli.errors import AphqError
+
+STAGE = "mlp-recon"
+CONFIG_VERSION = 1
+
+
+@dataclass(frozen=True)
+class MlpReconConfig:
+    """Typed, versioned settings of mlp-recon (defaults: method.md §5).
+
+    Attributes:
+        iters: Adam steps per block, one image each.
+        images: reconstruction images (the first N training images).
+        lr: Adam learning rate, cosine-decayed to 0.
+        clamp_weight: weight of the clipped-input term.
+        pct: ub is this percentile of the positive float fc2 inputs.
+        delta: APH perturbation.
+        seed: image order.
+    """
+
+    iters: int = 20000
+    images: int = 256
+    lr: float = 4e-5
+    clamp_weight: float = 2.0
+    pct: float = 0.999
+    delta: float = 1e-3
+    seed: int = 0
+    version: int = field(default=CONFIG_VERSION)
+
+    def __post_init__(self) -> None:
+        for name in ("iters", "images"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise AphqError(f"--{name} must be a positive integer, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise AphqError(f"lr must be positive, got {self.lr}")
+        if not 0.5 < self.pct <= 1.0:
+            raise AphqError(f"pct must be in (0.5, 1], got {self.pct}")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "MlpReconConfig":
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        if unknown:
+            raise AphqError(f"unknown mlp-recon setting(s): {', '.join(unknown)}")
+        return cls(**values)
+
+
+def resolve_config(cfg, overrides: dict) -> MlpReconConfig:
+    """Defaults, then the model config's ``aphq_defaults.mlp_recon``, then the command line."""
+    values = dict(cfg.get("aphq_defaults", {}).get("mlp_recon", {}))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return MlpReconConfig.from_dict(values)
+
+
+def swin_blocks(detector: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(qualified name, block)`` of every Swin block, in forward order."""
+    from aphq_cli.models.swin import SwinBlock
+    return [(f"backbone.{n}", m) for n, m in detector.backbone.units() if isinstance(m, SwinBlock)]
+
+
+def reconstruction_loss(out: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """APH-weighted squared error: sum over channels, mean over tokens, divided by 10."""
+    return (weight * (out - target).pow(2)).sum(dim=-1).mean() / 10
+
+
+def mlp_with_clip(mlp: nn.Module, x: torch.Tensor, ub: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ReLU MLP's output, and its output with the fc2 input clipped to ``[0, ub]``."""
+    hidden = torch.relu(mlp.fc1(x))
+    return mlp.fc2(hidden), mlp.fc2(hidden.clamp(max=ub))
+
+
+def cosine_lr(step: int, total: int, base: float) -> float:
+    """Cosine decay from ``base`` to 0 over ``total`` steps."""
+    return base * 0.5 * (1 + math.cos(math.pi * step / total))
+
+
+def train_block(mlp: nn.Module, cache, entry: str, aph, aph_entry: str, count: int, ub: float,
+                config: MlpReconConfig, block_seed: int, progress=None) -> list[float]:
+    """Train ``mlp``'s fc1 and fc2 (ReLU already in place) on cached float inputs/outputs.
+
+    Returns:
+        The loss every 10 % of the iterations.
+    """
+    params = list(mlp.fc1.parameters()) + list(mlp.fc2.parameters())
+    optim = torch.optim.Adam(params, lr=config.lr)
+    gen = torch.Generator().manual_seed(block_seed)
+    order = torch.randperm(count, generator=gen)
+    device = mlp.fc1.weight.device
+    losses = []
+    for step in range(config.iters):
+        index = int(order[step % count])
+        if step % count == count - 1:
+            order = torch.randperm(count, generator=gen)
+        item = cache.get(entry, index, device)
+        weight = aph.get(aph_entry, index, device)["aph"]
+        for group in optim.param_groups:
+            group["lr"] = cosine_lr(step, config.iters, config.lr)
+        out, clipped = mlp_with_clip(mlp, item["x"], ub)
+        loss = (reconstruction_loss(out, item["y"], weight)
+                + config.clamp_weight * reconstruction_loss(clipped, item["y"], weight))
+        optim.zero_grad()
+        loss.backward()
+        optim.step()
+        if (step + 1) % max(1, config.iters // 10) == 0:
+            losses.append(loss.item())
+        if progress is not None:
+            progress(step + 1, config.iters)
+    return losses
+
+
+def collect_mlp_io(detector: nn.Module, blocks: list[tuple[str, nn.Module]], images,
+                   cache, pct: float, progress=None) -> dict[str, float]:
+    """Cache every block's float MLP input/output per image; return each block's ub.
+
+    One float forward per image serves all blocks; tensors go to disk as they
+    come, so memory holds one image's activations at a time.
+    """
+    positives: dict[str, list[torch.Tensor]] = {name: [] for name, _ in blocks}
+    per_image = max(1, 2_000_000 // max(1, len(images)))
+    for i, img in enumerate(images):
+        seen: dict[str, dict[str, torch.Tensor]] = {}
+        handles = []
+        for name, block in blocks:
+            def io_hook(m, args, out, name=name):
+                seen.setdefault(name, {}).update(x=args[0].detach(), y=out.detach())
+
+            def fc2_hook(m, args, name=name):
+                pos = args[0].detach().flatten()
+                pos = pos[pos > 0]
+                positives[name].append(pos[:: max(1, math.ceil(pos.numel() / per_image))].cpu())
+            handles += [block.mlp.register_forward_hook(io_hook), block.mlp.fc2.register_forward_pre_hook(fc2_hook)]
+        try:
+            with torch.no_grad():
+                detector.extract_feat(img)
+        finally:
+            for h in handles:
+                h.remove()
+        for name, tensors in seen.items():
+            cache.put(name, i, tensors)
+        if progress is not None:
+            progress(i + 1, len(images))
+    ubs = {}
+    for name, _ in blocks:
+        cache.finish(name, len(images))
+        values = torch.cat(positives[name])
+        ubs[name] = float(values.kthvalue(max(1, int(round(pct * values.numel())))).values) if values.numel() else 0.0
+    return ubs
+
+
+def apply_mlp_recon(detector: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Swap GELU for ReLU in every reconstructed block and load its fc1/fc2."""
+    state = detector.state_dict()
+    blocks = {name[: -len(".ub")] for name in tensors if name.endswith(".ub")}
+    for block in blocks:
+        mlp = detector.get_submodule(f"{block}.mlp")
+        mlp.act = nn.ReLU()
+        for key in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"):
+            state[f"{block}.mlp.{key}"].copy_(tensors[f"{block}.mlp.{key}"])
+
+
+def mlp_recon(*, model: str, run: Path, iters: int | None = None, images: int | None = None,
+              checkpoint: Path | None = None, data: Path | None = None, device: str = "cpu",
+              force: bool = False, trust_checkpoint: bool = False, settings: dict | None = None,
+              progress=None) -> tuple[Path, bool]:
+    """Run mlp-recon into ``run/mlp_recon.safetensors``; resumable per block.
+
+    Args:
+        progress: optional callable ``(description, done, total)``.
+
+    Returns:
+        ``(artifact path, cache hit)``.
+    """
+    from aphq_cli.artifacts import is_current, load_artifact, save_artifact, sha256_json
+    from aphq_cli.quant.aph import ensure_block_aph
+    from aphq_cli.runs import ModelSource, aph_cache, prepare_run, stage_path
+    from aphq_cli.tensorcache import TensorCache
+
+    overrides = dict(settings or {}, iters=iters, images=images)
+    MlpReconConfig.from_dict({k: v for k, v in overrides.items() if v is not None})  # fail fast
+    source = ModelSource.open(model, checkpoint, data, trust_checkpoint=trust_checkpoint)
+    config = resolve_config(source.cfg, overrides)
+    dataset = source.dataset("calib", limit=config.images)
+    out = stage_path(prepare_run(run), STAGE)
+    inputs = source.fingerprints(dataset) | {"options": sha256_json(asdict(config))}
+    if not force and is_current(out, stage=STAGE, inputs=inputs):
+        return out, True
+
+    report = progress or (lambda *a: None)
+    detector = source.build(device)
+    blocks = swin_blocks(detector)
+    images = source.images(dataset, device)
+    block_dir = Path(run) / "mlp_recon" / "blocks"
+    io_cache = TensorCache(Path(run) / "mlp_recon" / "cache")
+    aph = aph_cache(source, dataset, config.delta)
+    header = source.header(dataset) | {"mlp_recon": asdict(config)}
+
+    if force or not all(io_cache.complete(n, len(images)) for n, _ in blocks):
+        ubs = collect_mlp_io(detector, blocks, images, io_cache, config.pct,
+                             lambda d, t: report("collect float MLP inputs", d, t))
+        save_artifact(Path(run) / "mlp_recon" / "ub.safetensors",
+                      {f"{n}.ub": torch.tensor(v) for n, v in ubs.items()},
+                      stage="mlp-recon-ub", config=header, inputs=inputs)
+    ubs = {k[: -len(".ub")]: float(v) for k, v in
+           load_artifact(Path(run) / "mlp_recon" / "ub.safetensors", stage="mlp-recon-ub",
+                         expect_inputs=inputs)[0].items()}
+    for name, block in blocks:  # APH needs the untouched float model: all blocks first
+        ensure_block_aph(detector, name, block, images, aph, config.delta,
+                         lambda d, t, name=name: report(f"APH {name}", d, t))
+
+    result: dict[str, torch.Tensor] = {}
+    for index, (name, block) in enumerate(blocks):
+        path = block_dir / f"{index:02d}_{name.replace('.', '_')}.safetensors"
+        if not force and is_current(path, stage="mlp-recon-block", inputs=inputs):
+            tensors, _ = load_artifact(path, stage="mlp-recon-block", expect_inputs=inputs)
+        else:
+            mlp = block.mlp
+            mlp.act = nn.ReLU()
+            with torch.enable_grad():
+                losses = train_block(mlp, io_cache, name, aph, name, len(images), ubs[name], config,
+                                     config.seed * 1000 + index, lambda d, t, name=name: report(f"train {name}", d, t))
+            tensors = {f"{name}.mlp.{k}": v.detach().clone() for k, v in mlp.state_dict().items()}
+            tensors[f"{name}.ub"] = torch.tensor(ubs[name])
+            save_artifact(path, tensors, stage="mlp-recon-block", config=header | {"block": name, "losses": losses,
+                                                                            "total_blocks": len(blocks)},
+                          inputs=inputs)
+        result.update(tensors)
+    save_artifact(out, result, stage=STAGE, config=header, inputs=inputs, extra={"model": source.spec.name})
+    return out, False
