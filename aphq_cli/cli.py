@@ -79,7 +79,7 @@ def eval_cmd(
     data: Optional[Path] = DataOpt,
     run: Optional[Path] = typer.Option(None, "--run", "-r",
                                        help="Evaluate a stage of this run folder (its newest by default)."),
-    stage: Optional[str] = typer.Option(None, "--stage", help="Which stage of --run to evaluate."),
+    stage: Optional[str] = typer.Option(None, "--stage", help="Which stage of --run to evaluate: mlp-recon or calibrate."),
     limit: Optional[int] = typer.Option(None, "--limit", "-n", help="Evaluate only the first N images."),
     device: str = DeviceOpt,
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the metrics (percent) as JSON."),
@@ -131,6 +131,31 @@ def calibrate_cmd(
     print(path)
 
 
+@app.command("mlp-recon")
+@user_errors
+def mlp_recon_cmd(
+    model: str = ModelOpt,
+    run: Path = typer.Option(..., "--run", "-r", help="Run folder; writes RUN/mlp_recon.safetensors."),
+    iters: Optional[int] = typer.Option(None, "--iters", help="Adam steps per block (default 20000; testbed: its config)."),
+    images: Optional[int] = typer.Option(None, "--images", help="Reconstruction images (default 256; testbed: its config)."),
+    checkpoint: Optional[Path] = CheckpointOpt,
+    data: Optional[Path] = DataOpt,
+    device: str = DeviceOpt,
+    force: bool = typer.Option(False, "--force", help="Recompute every block even if finished."),
+    trust_checkpoint: bool = TrustOpt,
+) -> None:
+    """Replace GELU with ReLU in every Swin MLP and reconstruct fc1/fc2 block by block (resumable)."""
+    from aphq_cli.console import err, stage_progress
+    from stages.mlp_recon import mlp_recon
+
+    with stage_progress() as report:
+        path, hit = mlp_recon(model=model, run=run, iters=iters, images=images, checkpoint=checkpoint, data=data,
+                              device=device, force=force, trust_checkpoint=trust_checkpoint, progress=report)
+    if hit:
+        err.print(f"{path} is current (same checkpoint, data and options); --force recomputes it")
+    print(path)
+
+
 @app.command("demo")
 @user_errors
 def demo_cmd(
@@ -149,6 +174,45 @@ def demo_cmd(
                     json_path=json_path)
     print_demo(rows, f"aphq demo: {model}, W{w_bits}A{a_bits}, run folder {run}")
     print(run)
+
+
+@app.command("status")
+@user_errors
+def status_cmd(run: Path = typer.Option(..., "--run", "-r", help="Run folder.")) -> None:
+    """Which stages a run holds, what made them, and whether each is still current."""
+    from rich.table import Table
+
+    from aphq_cli.console import err
+    from aphq_cli.inspect import run_status
+
+    table = Table(title=f"run {run}")
+    for col in ("stage", "state", "made", "from"):
+        table.add_column(col)
+    for s in run_status(run):
+        state = "missing" if not s.exists else ("current" if s.current else "[red]stale[/]")
+        table.add_row(s.stage, state, s.created, s.detail)
+    err.print(table)
+
+
+@app.command("inspect")
+@user_errors
+def inspect_cmd(path: Path = typer.Argument(..., help="An artifact or any safetensors file.")) -> None:
+    """The header and a summary of every tensor of an artifact."""
+    from rich.table import Table
+
+    from aphq_cli.console import err
+    from aphq_cli.inspect import header_fields, tensor_rows
+
+    head = Table(title=str(path), show_header=False)
+    for key, value in header_fields(path).items():
+        head.add_row(key, value)
+    err.print(head)
+    tensors = Table(title="tensors")
+    for col in ("name", "dtype", "shape", "min / mean / max"):
+        tensors.add_column(col)
+    for row in tensor_rows(path):
+        tensors.add_row(*row)
+    err.print(tensors)
 
 
 @app.command("models")

@@ -1,0 +1,107 @@
+"""``aphq inspect`` and ``aphq status``: what an artifact holds and where a run stands."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from aphq_cli.errors import AphqError
+
+
+def tensor_rows(path: Path) -> list[tuple[str, str, str, str]]:
+    """``(name, dtype, shape, "min / mean / max")`` of every tensor, read one at a time."""
+    from safetensors import safe_open
+
+    rows = []
+    with safe_open(str(path), framework="pt") as f:
+        for name in sorted(f.keys()):
+            t = f.get_tensor(name)
+            stats = ""
+            if t.numel() and (t.is_floating_point() or t.dtype in (torch.int8, torch.uint8, torch.int32, torch.int64)):
+                v = t.float()
+                stats = f"{v.min().item():.4g} / {v.mean().item():.4g} / {v.max().item():.4g}"
+            rows.append((name, str(t.dtype).replace("torch.", ""), str(tuple(t.shape)), stats))
+    return rows
+
+
+def header_fields(path: Path) -> dict[str, str]:
+    """The aphq header as display strings, or the raw metadata of a foreign safetensors file."""
+    from aphq_cli.artifacts import read_header
+    from safetensors import safe_open
+
+    try:
+        header = read_header(path)
+    except AphqError as err:
+        if "was not written by aphq" not in str(err):
+            raise
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    return {"stage": header.stage, "format": str(header.format_version), "created": header.created,
+            "config": json.dumps(header.config, indent=1, sort_keys=True),
+            "inputs": "\n".join(f"{k}: {v[:16]}…" for k, v in sorted(header.inputs.items())),
+            "extra": json.dumps(header.extra)}
+
+
+@dataclass
+class StageStatus:
+    """One stage of a run: whether it exists and whether its inputs still match."""
+
+    stage: str
+    exists: bool
+    current: bool | None = None
+    detail: str = ""
+    created: str = ""
+
+
+def run_status(run: Path) -> list[StageStatus]:
+    """Each pipeline stage of ``run``: present, current or stale (which input changed), progress."""
+    from aphq_cli.artifacts import read_header, sha256_file
+    from aphq_cli.runs import STAGES, ModelSource, stage_path
+
+    if not Path(run).is_dir():
+        raise AphqError(f"run folder {run} does not exist")
+    out = []
+    for stage in STAGES:
+        path = stage_path(run, stage)
+        partial = _blocks_done(run, stage)
+        if not path.is_file():
+            out.append(StageStatus(stage, False, detail=partial or "not run"))
+            continue
+        header = read_header(path)
+        cfg = header.config
+        changed = []
+        ckpt = Path(cfg["checkpoint"])
+        if not ckpt.is_file() or sha256_file(ckpt) != header.inputs.get("checkpoint"):
+            changed.append("checkpoint")
+        else:
+            try:
+                source = ModelSource.open(cfg["model"], ckpt, Path(cfg["data"]) if cfg["data"] else None)
+                dataset = source.dataset("calib", image_ids=cfg["image_ids"])
+                if source.fingerprints(dataset)["data"] != header.inputs.get("data"):
+                    changed.append("data")
+            except AphqError:
+                changed.append("data")
+        mlp = cfg.get("mlp_recon_artifact")
+        if mlp and (not Path(mlp).is_file() or sha256_file(mlp) != header.inputs.get("mlp_recon")):
+            changed.append("mlp-recon artifact")
+        detail = f"{cfg['model']}, checkpoint {ckpt.name}, {len(cfg['image_ids'])} image(s)"
+        if "calibrate" in cfg:
+            detail += f", W{cfg['calibrate']['w_bits']}A{cfg['calibrate']['a_bits']}"
+        if changed:
+            detail += "; changed since: " + ", ".join(changed)
+        out.append(StageStatus(stage, True, not changed, detail, header.created))
+    return out
+
+
+def _blocks_done(run: Path, stage: str) -> str:
+    """``"k of n blocks done"`` for a resumable stage interrupted midway, else empty."""
+    blocks = Path(run) / stage.replace("-", "_") / "blocks"
+    done = sorted(blocks.glob("*.safetensors")) if blocks.is_dir() else []
+    if not done:
+        return ""
+    from aphq_cli.artifacts import read_header
+    total = read_header(done[0]).config.get("total_blocks")
+    return f"{len(done)} of {total or '?'} blocks done"
