@@ -80,6 +80,7 @@ def eval_cmd(
     run: Optional[Path] = typer.Option(None, "--run", "-r",
                                        help="Evaluate a stage of this run folder (its newest by default)."),
     stage: Optional[str] = typer.Option(None, "--stage", help="Which stage of --run to evaluate: mlp-recon or calibrate."),
+    artifact: Optional[Path] = typer.Option(None, "--artifact", "-a", help="Evaluate an `aphq export` file."),
     limit: Optional[int] = typer.Option(None, "--limit", "-n", help="Evaluate only the first N images."),
     device: str = DeviceOpt,
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the metrics (percent) as JSON."),
@@ -90,7 +91,8 @@ def eval_cmd(
     from stages.eval import evaluate
 
     with progress_bar("eval") as update:
-        result = evaluate(model=model, checkpoint=checkpoint, data=data, run=run, stage=stage, limit=limit,
+        result = evaluate(model=model, checkpoint=checkpoint, data=data, run=run, stage=stage, artifact=artifact,
+                          limit=limit,
                           device=device, trust_checkpoint=trust_checkpoint, json_path=json_path,
                           progress=update)
     if _state["verbose"]:
@@ -153,6 +155,28 @@ def mlp_recon_cmd(
                               device=device, force=force, trust_checkpoint=trust_checkpoint, progress=report)
     if hit:
         err.print(f"{path} is current (same checkpoint, data and options); --force recomputes it")
+    print(path)
+
+
+@app.command("export")
+@user_errors
+def export_cmd(
+    run: Path = typer.Option(..., "--run", "-r", help="Run folder holding a quantized stage."),
+    out: Path = typer.Option(..., "--out", "-o", help="The export file to write (.safetensors)."),
+    stage: Optional[str] = typer.Option(None, "--stage", help="Which stage (default: the newest)."),
+    trust_checkpoint: bool = TrustOpt,
+) -> None:
+    """Packed integer weights and every quantizer, reloadable with `aphq eval --artifact`."""
+    from aphq_cli.console import err
+    from aphq_cli.artifacts import read_header
+    from aphq_cli.runs import newest_stage, stage_path
+    from stages.export import export
+
+    path = export(run=run, out=out, stage=stage, trust_checkpoint=trust_checkpoint)
+    ckpt = Path(read_header(stage_path(run, stage or newest_stage(run))).config["checkpoint"])
+    size, fp = path.stat().st_size, ckpt.stat().st_size
+    err.print(f"export {size / 2**20:.2f} MiB; float checkpoint {ckpt.name} {fp / 2**20:.2f} MiB "
+              f"({fp / size:.1f}x larger)")
     print(path)
 
 

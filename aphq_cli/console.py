@@ -10,6 +10,7 @@ import contextlib
 from typing import Callable, Iterator
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
     TimeRemainingColumn
 from rich.table import Table
@@ -69,12 +70,12 @@ def stage_progress() -> Iterator[Callable[[str, int, int], None]]:
 def metrics_table(title: str, rows: dict[str, dict[str, float]]) -> Table:
     """Rows of ``{label: {"bbox_AP": ..}}`` as a box/mask AP table."""
     cols = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
-    table = Table(title=title)
+    table = Table(title=escape(title))
     table.add_column("")
     table.add_column("iou")
     for c in cols:
         table.add_column(c, justify="right")
     for label, metrics in rows.items():
         for iou, name in (("bbox", "box"), ("segm", "mask")):
-            table.add_row(label, name, *(f"{metrics[f'{iou}_{c}']:.1f}" for c in cols))
+            table.add_row(escape(label), name, *(f"{metrics[f'{iou}_{c}']:.1f}" for c in cols))
     return table

@@ -93,7 +93,8 @@ def coco_metrics(dataset, results: list) -> tuple[dict[str, float], str]:
 
 
 def evaluate(*, model: str = "tiny-mask-rcnn", checkpoint: Path | None = None, data: Path | None = None,
-             run: Path | None = None, stage: str | None = None, limit: int | None = None,
+             run: Path | None = None, stage: str | None = None, artifact: Path | None = None,
+             limit: int | None = None,
              device: str = "cpu", trust_checkpoint: bool = False, json_path: Path | None = None,
              progress=None) -> EvalResult:
     """Evaluate a detector's box and mask AP on a COCO-layout split.
@@ -105,6 +106,7 @@ def evaluate(*, model: str = "tiny-mask-rcnn", checkpoint: Path | None = None, d
             testbed's synthetic data, or the folder a run was made with.
         run: evaluate a stage of this run folder instead of a float model.
         stage: which stage of ``run``; the newest by default.
+        artifact: evaluate an ``aphq export`` file instead, rebuilt from it alone.
         limit: evaluate only the first N images.
         device: ``cpu``, ``cuda`` or ``cuda:N``.
         trust_checkpoint: allow a pickled checkpoint with arbitrary objects.
@@ -115,6 +117,19 @@ def evaluate(*, model: str = "tiny-mask-rcnn", checkpoint: Path | None = None, d
     from aphq_cli.runs import ModelSource, load_stage, newest_stage
 
     dev = resolve_device(device)
+    if artifact is not None:
+        from aphq_cli.data.coco import build_dataset
+        from stages.export import load_export
+        detector, cfg, header = load_export(artifact, dev)
+        recorded = header.config["data"]
+        dataset = build_dataset(cfg, "test", Path(data) if data is not None else (Path(recorded) if recorded else None),
+                                limit=limit)
+        start = time.perf_counter()
+        results = run_inference(detector, dataset, device=dev, progress=progress)
+        metrics, log = coco_metrics(dataset, results)
+        return _finish(EvalResult(metrics, f"{header.config['model']} [export]", str(artifact),
+                                  str(Path(dataset.ann_file).parent.parent), len(dataset),
+                                  round(time.perf_counter() - start, 2), log), json_path)
     if run is not None:
         stage = stage or newest_stage(run)
         detector, source, _ = load_stage(run, stage, dev, trust_checkpoint=trust_checkpoint)
@@ -129,8 +144,11 @@ def evaluate(*, model: str = "tiny-mask-rcnn", checkpoint: Path | None = None, d
     start = time.perf_counter()
     results = run_inference(detector, dataset, device=dev, progress=progress)
     metrics, log = coco_metrics(dataset, results)
-    result = EvalResult(metrics, label, str(source.checkpoint), str(Path(dataset.ann_file).parent.parent),
-                        len(dataset), round(time.perf_counter() - start, 2), log)
+    return _finish(EvalResult(metrics, label, str(source.checkpoint), str(Path(dataset.ann_file).parent.parent),
+                              len(dataset), round(time.perf_counter() - start, 2), log), json_path)
+
+
+def _finish(result: EvalResult, json_path: Path | None) -> EvalResult:
     if json_path is not None:
         from aphq_cli.artifacts import atomic_write_text
         atomic_write_text(Path(json_path), json.dumps(result.to_json(), indent=2) + "\n")

@@ -1,0 +1,66 @@
+"""aphq export: reload gives the quantized model's exact predictions; damage is refused."""
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from aphq_cli.cli import app
+from aphq_cli.errors import AphqError
+from aphq_cli.runs import load_stage
+from stages.calibrate import calibrate
+from stages.eval import run_inference
+from stages.export import export, load_export
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, synth_dir, random_tiny_checkpoint):
+    root = tmp_path_factory.mktemp("export")
+    calibrate(model="tiny-mask-rcnn", run=root / "run", checkpoint=random_tiny_checkpoint, data=synth_dir,
+              calib_images=1, w_bits=4, a_bits=4,
+              settings={"eq_n": 16, "matmul_eq_n": 4, "search_round": 1, "max_windows": 8})
+    return root / "run", export(run=root / "run", out=root / "model.safetensors")
+
+
+def test_reload_gives_identical_predictions(exported):
+    run, path = exported
+    quantized, source, _ = load_stage(run)
+    reloaded, cfg, header = load_export(path)
+    assert header.config["w_bits"] == 4
+    dataset = source.dataset("test", limit=2)
+    for (a_box, a_seg), (b_box, b_seg) in zip(run_inference(quantized, dataset, device="cpu"),
+                                              run_inference(reloaded, dataset, device="cpu")):
+        assert all(np.array_equal(x, y) for x, y in zip(a_box, b_box))
+        assert a_seg == b_seg
+
+
+def test_export_is_smaller_than_the_float_checkpoint(exported, random_tiny_checkpoint):
+    _, path = exported
+    assert path.stat().st_size < 0.4 * random_tiny_checkpoint.stat().st_size
+
+
+def test_truncated_or_tampered_export_is_refused(exported, tmp_path):
+    _, path = exported
+    data = path.read_bytes()
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(AphqError, match="not a readable safetensors"):
+        load_export(truncated)
+    tampered = tmp_path / "tampered.safetensors"
+    flipped = bytearray(data)
+    flipped[-10] ^= 0xFF
+    tampered.write_bytes(bytes(flipped))
+    with pytest.raises(AphqError, match="damaged"):
+        load_export(tampered)
+
+
+def test_eval_artifact_command(exported, synth_dir):
+    _, path = exported
+    result = CliRunner().invoke(app, ["eval", "--artifact", str(path), "--data", str(synth_dir), "--limit", "1"])
+    assert result.exit_code == 0, result.output
+    assert "[export]" in result.output
+
+
+def test_exporting_a_float_stage_is_refused(tmp_path):
+    (tmp_path / "run").mkdir()
+    result = CliRunner().invoke(app, ["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "holds no stage artifact yet" in result.output
