@@ -10,12 +10,13 @@ rebuild the quantized model without calibrating again.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from aphq_cli.errors import AphqError
+from aphq_cli.settings import resolve_settings, settings_from_dict
 from aphq_cli.quant.calib import SearchSettings
 
 STAGE = "calibrate"
@@ -40,20 +41,11 @@ class CalibrateConfig(SearchSettings):
         if self.calib_images < 1:
             raise AphqError(f"--calib-images must be at least 1, got {self.calib_images}")
 
-    @classmethod
-    def from_dict(cls, values: dict) -> "CalibrateConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise AphqError(f"unknown calibrate setting(s): {', '.join(unknown)}")
-        return cls(**values)
 
 
 def resolve_config(cfg, overrides: dict) -> CalibrateConfig:
-    """Defaults, then the model config's ``aphq_defaults.calibrate``, then the command line."""
-    values = dict(cfg.get("aphq_defaults", {}).get("calibrate", {}))
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return CalibrateConfig.from_dict(values)
+    """Defaults, then the model config's ``aphq_defaults``, then the command line."""
+    return resolve_settings(CalibrateConfig, cfg, STAGE, overrides)
 
 
 def calibrate(*, model: str, run: Path, w_bits: int | None = None, a_bits: int | None = None,
@@ -79,12 +71,12 @@ def calibrate(*, model: str, run: Path, w_bits: int | None = None, a_bits: int |
     from aphq_cli.runs import ModelSource, prepare_run, stage_path
 
     overrides = dict(settings or {}, w_bits=w_bits, a_bits=a_bits, calib_images=calib_images)
-    CalibrateConfig.from_dict({k: v for k, v in overrides.items() if v is not None})  # fail fast on bad options
+    settings_from_dict(CalibrateConfig, {k: v for k, v in overrides.items() if v is not None}, STAGE)  # fail fast
     source = ModelSource.open(model, checkpoint, data, trust_checkpoint=trust_checkpoint)
     config = resolve_config(source.cfg, overrides)
     if image_list is not None:
         dataset = source.dataset("calib", image_ids=read_image_list(image_list))
-        config = CalibrateConfig.from_dict({**asdict(config), "calib_images": len(dataset)})
+        config = settings_from_dict(CalibrateConfig, {**asdict(config), "calib_images": len(dataset)}, STAGE)
     else:
         dataset = source.dataset("calib", limit=config.calib_images)
     out = stage_path(prepare_run(run), STAGE)

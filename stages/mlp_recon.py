@@ -12,13 +12,14 @@ continues after the last finished block and ends with the same result.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from aphq_cli.errors import AphqError
+from aphq_cli.settings import resolve_settings, settings_from_dict
 
 STAGE = "mlp-recon"
 CONFIG_VERSION = 1
@@ -56,19 +57,11 @@ class MlpReconConfig:
         if not 0.5 < self.pct <= 1.0:
             raise AphqError(f"pct must be in (0.5, 1], got {self.pct}")
 
-    @classmethod
-    def from_dict(cls, values: dict) -> "MlpReconConfig":
-        unknown = sorted(set(values) - {f.name for f in fields(cls)})
-        if unknown:
-            raise AphqError(f"unknown mlp-recon setting(s): {', '.join(unknown)}")
-        return cls(**values)
 
 
 def resolve_config(cfg, overrides: dict) -> MlpReconConfig:
-    """Defaults, then the model config's ``aphq_defaults.mlp_recon``, then the command line."""
-    values = dict(cfg.get("aphq_defaults", {}).get("mlp_recon", {}))
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return MlpReconConfig.from_dict(values)
+    """Defaults, then the model config's ``aphq_defaults``, then the command line."""
+    return resolve_settings(MlpReconConfig, cfg, STAGE, overrides)
 
 
 def swin_blocks(detector: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -195,7 +188,7 @@ def mlp_recon(*, model: str, run: Path, iters: int | None = None, images: int | 
     from aphq_cli.tensorcache import TensorCache
 
     overrides = dict(settings or {}, iters=iters, images=images)
-    MlpReconConfig.from_dict({k: v for k, v in overrides.items() if v is not None})  # fail fast
+    settings_from_dict(MlpReconConfig, {k: v for k, v in overrides.items() if v is not None}, STAGE)  # fail fast
     source = ModelSource.open(model, checkpoint, data, trust_checkpoint=trust_checkpoint)
     config = resolve_config(source.cfg, overrides)
     dataset = source.dataset("calib", limit=config.images)

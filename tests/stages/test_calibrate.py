@@ -7,6 +7,7 @@ from typer.testing import CliRunner
 from aphq_cli.cli import app
 from aphq_cli.errors import AphqError
 from aphq_cli.runs import ModelSource, load_stage
+from aphq_cli.settings import settings_from_dict
 from stages.calibrate import CalibrateConfig, build_calibrated, calibrate, resolve_config
 from stages.eval import run_inference
 
@@ -21,7 +22,7 @@ def test_bits_out_of_range(bits):
 
 def test_unknown_setting_is_an_error():
     with pytest.raises(AphqError, match="unknown calibrate setting"):
-        CalibrateConfig.from_dict({"w_bit": 4})
+        settings_from_dict(CalibrateConfig, {"w_bit": 4}, "calibrate")
 
 
 def test_testbed_defaults_come_from_the_config(synth_dir, random_tiny_checkpoint):

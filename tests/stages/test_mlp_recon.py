@@ -13,6 +13,7 @@ from torch import nn
 from aphq_cli.artifacts import load_artifact
 from aphq_cli.errors import AphqError
 from aphq_cli.runs import load_stage
+from aphq_cli.settings import settings_from_dict
 from stages.mlp_recon import MlpReconConfig, cosine_lr, mlp_recon, mlp_with_clip, reconstruction_loss
 
 SMALL = {"iters": 6, "images": 2}
@@ -48,7 +49,7 @@ def test_settings_are_checked():
     with pytest.raises(AphqError, match="--iters must be a positive integer"):
         MlpReconConfig(iters=0)
     with pytest.raises(AphqError, match="unknown mlp-recon setting"):
-        MlpReconConfig.from_dict({"iterations": 3})
+        settings_from_dict(MlpReconConfig, {"iterations": 3}, "mlp-recon")
 
 
 def _run(run, ckpt, data, **kw):

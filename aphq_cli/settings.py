@@ -1,0 +1,29 @@
+"""Stage settings: typed dataclasses filled from defaults, the model config and the command line."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import TypeVar
+
+from aphq_cli.errors import AphqError
+
+T = TypeVar("T")
+
+
+def settings_from_dict(cls: type[T], values: dict, stage: str) -> T:
+    """``cls(**values)``, refusing keys ``cls`` does not have (no silent defaults)."""
+    unknown = sorted(set(values) - {f.name for f in fields(cls)})
+    if unknown:
+        raise AphqError(f"unknown {stage} setting(s): {', '.join(unknown)}")
+    return cls(**values)
+
+
+def resolve_settings(cls: type[T], cfg, stage: str, overrides: dict) -> T:
+    """Dataclass defaults, then the model config's ``aphq_defaults[<stage>]``, then non-None overrides.
+
+    Args:
+        stage: the stage name (``mlp-recon``); its config key uses underscores.
+    """
+    values = dict(cfg.get("aphq_defaults", {}).get(stage.replace("-", "_"), {}))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return settings_from_dict(cls, values, stage)
