@@ -1,0 +1,57 @@
+"""AdaRound soft rounding, its regularizer and schedule, and QDrop mixing (method.md §6).
+
+Pure functions: the block reconstruction loop learns ``alpha`` per weight
+element so that ``floor(W / s) + h(alpha)`` rounds each weight up or down.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+ZETA, GAMMA = 1.1, -0.1  # rectified-sigmoid stretch
+
+
+def rectified_sigmoid(alpha: torch.Tensor) -> torch.Tensor:
+    """``h(alpha) = clamp(sigmoid(alpha) (zeta - gamma) + gamma, 0, 1)``."""
+    return torch.clamp(torch.sigmoid(alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)
+
+
+def init_alpha(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``alpha`` with ``h(alpha)`` equal to the fractional part of ``W / s`` (soft = plain value)."""
+    rest = weight / scale - torch.floor(weight / scale)  # in [0, 1)
+    p = ((rest - GAMMA) / (ZETA - GAMMA)).clamp(1e-6, 1 - 1e-6)
+    return torch.log(p / (1 - p))
+
+
+def soft_quantize_weight(weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int,
+                         alpha: torch.Tensor, hard: bool = False) -> torch.Tensor:
+    """``(clamp(floor(W / s) + h(alpha) + z, 0, 2^b - 1) - z) s``; ``hard`` rounds ``h`` to 0 or 1."""
+    h = (rectified_sigmoid(alpha) >= 0.5).to(weight.dtype) if hard else rectified_sigmoid(alpha)
+    q = torch.clamp(torch.floor(weight / scale) + h + zero_point, 0, 2 ** bits - 1)
+    return (q - zero_point) * scale
+
+
+def rounding_regularizer(alpha: torch.Tensor, beta: float) -> torch.Tensor:
+    """``sum(1 - |2 h(alpha) - 1|^beta)``: zero once every ``h`` is exactly 0 or 1."""
+    return (1 - (2 * rectified_sigmoid(alpha) - 1).abs().pow(beta)).sum()
+
+
+def beta_schedule(step: int, total: int, warmup: float = 0.2, start: float = 20.0, end: float = 2.0) -> float | None:
+    """``beta`` for the regularizer at ``step``; None during warm-up (no regularizer then).
+
+    After ``warmup * total`` steps, beta falls linearly from ``start`` to ``end``.
+    """
+    first = int(math.ceil(warmup * total))
+    if step < first:
+        return None
+    t = (step - first) / max(1, total - first)
+    return start + (end - start) * t
+
+
+def qdrop_mix(x_q: torch.Tensor, x_fp: torch.Tensor, prob_q: float, generator: torch.Generator | None = None
+              ) -> torch.Tensor:
+    """Each element from ``x_q`` with probability ``prob_q``, else from ``x_fp``."""
+    keep = torch.rand(x_q.shape, generator=generator, device=x_q.device) < prob_q
+    return torch.where(keep, x_q, x_fp)

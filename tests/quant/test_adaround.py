@@ -1,0 +1,57 @@
+"""AdaRound soft rounding, regularizer and schedule against hand-computed values."""
+
+import math
+
+import pytest
+import torch
+
+from aphq_cli.quant.adaround import (beta_schedule, init_alpha, qdrop_mix, rectified_sigmoid, rounding_regularizer,
+                                     soft_quantize_weight)
+
+
+def test_rectified_sigmoid_hand_values():
+    # sigmoid(0) = 0.5 -> 0.5 * 1.2 - 0.1 = 0.5; saturates to exactly 0 and 1.
+    got = rectified_sigmoid(torch.tensor([0.0, -20.0, 20.0, math.log(3.0)]))
+    assert got[:3].tolist() == [pytest.approx(0.5), 0.0, 1.0]
+    assert got[3].item() == pytest.approx(0.75 * 1.2 - 0.1)  # sigmoid(log 3) = 0.75
+
+
+def test_init_makes_soft_rounding_the_identity():
+    torch.manual_seed(0)
+    w = torch.randn(8, 16, dtype=torch.float64)
+    s = torch.full((8, 1), 0.07, dtype=torch.float64)
+    z = torch.full((8, 1), 7.0, dtype=torch.float64)
+    soft = soft_quantize_weight(w, s, z, 4, init_alpha(w, s))
+    inside = (w / s + z > 0.01) & (w / s + z < 14.99)  # away from the clamp
+    torch.testing.assert_close(soft[inside], w[inside], rtol=0, atol=1e-6)
+
+
+def test_hard_rounding_picks_floor_or_ceil():
+    w = torch.tensor([[0.26, 0.34]])
+    s, z = torch.tensor([[0.1]]), torch.tensor([[0.0]])
+    alpha = torch.tensor([[-5.0, 5.0]])  # h ~ 0 -> floor, h ~ 1 -> ceil
+    assert soft_quantize_weight(w, s, z, 4, alpha, hard=True).tolist() == [[pytest.approx(0.2), pytest.approx(0.4)]]
+
+
+def test_regularizer_hand_values():
+    # h = 0.5 -> |2h-1| = 0 -> term 1; h in {0, 1} -> term 0.
+    alpha = torch.tensor([0.0, -30.0, 30.0])
+    assert rounding_regularizer(alpha, 2.0).item() == pytest.approx(1.0)
+    a = torch.tensor([math.log(3.0)])  # h = 0.8 -> |2h-1| = 0.6
+    assert rounding_regularizer(a, 2.0).item() == pytest.approx(1 - 0.36)
+    assert rounding_regularizer(a, 20.0).item() == pytest.approx(1 - 0.6 ** 20)
+
+
+def test_beta_schedule():
+    assert beta_schedule(0, 100) is None and beta_schedule(19, 100) is None
+    assert beta_schedule(20, 100) == pytest.approx(20.0)
+    assert beta_schedule(60, 100) == pytest.approx(11.0)
+    assert beta_schedule(100, 100) == pytest.approx(2.0)
+
+
+def test_qdrop_mix_takes_each_element_from_one_side():
+    gen = torch.Generator().manual_seed(0)
+    xq, xf = torch.ones(10000), torch.zeros(10000)
+    mixed = qdrop_mix(xq, xf, 0.5, gen)
+    assert set(mixed.unique().tolist()) == {0.0, 1.0}
+    assert abs(mixed.mean().item() - 0.5) < 0.02
