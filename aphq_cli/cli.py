@@ -79,7 +79,7 @@ def eval_cmd(
     data: Optional[Path] = DataOpt,
     run: Optional[Path] = typer.Option(None, "--run", "-r",
                                        help="Evaluate a stage of this run folder (its newest by default)."),
-    stage: Optional[str] = typer.Option(None, "--stage", help="Which stage of --run to evaluate: mlp-recon or calibrate."),
+    stage: Optional[str] = typer.Option(None, "--stage", help="Which stage of --run: mlp-recon, calibrate or reconstruct."),
     artifact: Optional[Path] = typer.Option(None, "--artifact", "-a", help="Evaluate an `aphq export` file."),
     limit: Optional[int] = typer.Option(None, "--limit", "-n", help="Evaluate only the first N images."),
     device: str = DeviceOpt,
@@ -155,6 +155,29 @@ def mlp_recon_cmd(
                               device=device, force=force, trust_checkpoint=trust_checkpoint, progress=report)
     if hit:
         err.print(f"{path} is current (same checkpoint, data and options); --force recomputes it")
+    print(path)
+
+
+@app.command("reconstruct")
+@user_errors
+def reconstruct_cmd(
+    run: Path = typer.Option(..., "--run", "-r", help="Run folder holding calibrate.safetensors."),
+    loss: Optional[str] = typer.Option(None, "--loss", help="aph (default), mse, fisher or none."),
+    iters: Optional[int] = typer.Option(None, "--iters", help="Iterations per unit (default 20000; testbed: its config)."),
+    images: Optional[int] = typer.Option(None, "--images", help="Reconstruction images (default 256; testbed: its config)."),
+    device: str = DeviceOpt,
+    force: bool = typer.Option(False, "--force", help="Recompute every unit even if finished."),
+    trust_checkpoint: bool = TrustOpt,
+) -> None:
+    """Block-wise AdaRound reconstruction with APH weights (resumable per unit)."""
+    from aphq_cli.console import err, stage_progress
+    from stages.reconstruct import reconstruct
+
+    with stage_progress() as report:
+        path, hit = reconstruct(run=run, loss=loss, iters=iters, images=images, device=device, force=force,
+                                trust_checkpoint=trust_checkpoint, progress=report)
+    if hit:
+        err.print(f"{path} is current (same calibration, data and options); --force recomputes it")
     print(path)
 
 

@@ -16,7 +16,7 @@ import torch
 
 from aphq_cli.errors import AphqError
 
-STAGES = ("mlp-recon", "calibrate")  # in pipeline order; later stages build on earlier ones
+STAGES = ("mlp-recon", "calibrate", "reconstruct")  # in pipeline order; later stages build on earlier ones
 
 
 def prepare_run(run: Path) -> Path:
@@ -129,13 +129,18 @@ class ImageSequence:
         return self.dataset[index]["img"][0].unsqueeze(0).to(self.device)
 
 
-def aph_cache(source: ModelSource, dataset, delta: float):
-    """The shared APH cache of (checkpoint, images, delta): float-model estimates reused by every run."""
+def aph_cache(source: ModelSource, dataset, delta: float, extra: str = ""):
+    """The shared APH cache of (checkpoint, images, delta): float-model estimates reused by every run.
+
+    Args:
+        extra: the mlp-recon artifact's fingerprint when the float model is
+            the one after mlp-recon.
+    """
     from aphq_cli.artifacts import sha256_json
     from aphq_cli.data.synth import default_cache_root
     from aphq_cli.tensorcache import TensorCache
 
-    key = sha256_json(source.fingerprints(dataset) | {"delta": delta})[:16]
+    key = sha256_json(source.fingerprints(dataset) | {"delta": delta, "mlp_recon": extra})[:16]
     return TensorCache(default_cache_root() / "aph" / key, dtype=torch.float16)
 
 

@@ -153,3 +153,26 @@ def ensure_block_aph(detector: nn.Module, name: str, block: nn.Module, images: S
         if progress is not None:
             progress(i + 1, len(images))
     cache.finish(name, len(images))
+
+
+def block_fisher(detector: nn.Module, fp: nn.Module, block: nn.Module, img: torch.Tensor) -> torch.Tensor:
+    """BRECQ's weight: the squared task-loss gradient at ``block``'s output in the partially quantized model.
+
+    The task loss compares the quantized detector's RPN outputs with the float
+    model's; unlike APH this depends on the quantization state, so it is not
+    cached across runs. Normalized per image to mean 1 like APH.
+    """
+    with torch.no_grad():
+        cls_fp, reg_fp = rpn_outputs(fp, img)
+    with torch.no_grad(), capture_output(block) as seen:
+        rpn_outputs(detector, img)
+
+    def loss_fn(o: torch.Tensor) -> torch.Tensor:
+        with replace_output(block, o):
+            cls, reg = rpn_outputs(detector, img)
+        return rpn_task_loss(cls, reg, cls_fp, reg_fp)
+
+    o = seen[0].detach().requires_grad_(True)
+    with _frozen(detector), torch.enable_grad():
+        (g,) = torch.autograd.grad(loss_fn(o), o)
+    return normalize_per_image(g.pow(2))

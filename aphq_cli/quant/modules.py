@@ -28,6 +28,9 @@ class Quantizer(nn.Module):
         super().__init__()
         self.bits = bits
         self.enabled = False  # turned on once calibrated
+        # QDrop (reconstruction only): keep the quantized value of an element
+        # with probability 1 - drop_prob, else its float value.
+        self.drop_prob = 0.0
         self.register_buffer("scale", torch.ones(shape))
         self.register_buffer("zero_point", torch.zeros(shape))
 
@@ -39,7 +42,10 @@ class Quantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
-        return fake_quantize(x, self.scale, self.zero_point, self.bits)
+        q = fake_quantize(x, self.scale, self.zero_point, self.bits)
+        if self.drop_prob > 0:
+            q = torch.where(torch.rand_like(x) < self.drop_prob, x, q)
+        return q
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, shape={tuple(self.scale.shape)}, enabled={self.enabled}"

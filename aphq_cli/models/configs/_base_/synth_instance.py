@@ -49,3 +49,4 @@ aphq_testbed = True
 # over fewer windows, so calibration takes seconds on two cores.
 aphq_defaults = dict(calibrate=dict(calib_images=4, matmul_eq_n=32, max_windows=64, max_values=200_000))
 aphq_defaults['mlp_recon'] = dict(iters=400, images=16)
+aphq_defaults['reconstruct'] = dict(iters=200, images=16)

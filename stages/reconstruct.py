@@ -1,0 +1,351 @@
+"""Stage: reconstruct. Block-wise AdaRound + activation-scale reconstruction (method.md §6).
+
+Units in forward order: the patch embedding, every Swin block, every patch
+merging, then the FPN. For each unit the rounding of every weight and the
+scale of every activation quantizer are learned so the quantized unit, fed a
+QDrop mix of its quantized-model and float-model inputs, reproduces the float
+unit's output under the chosen loss (``aph``, ``mse``, ``fisher``; ``none``
+keeps calibration alone). Unit inputs and outputs stream through an on-disk
+cache (two units' worth of images at a time), and each finished unit is
+written atomically to ``RUN/reconstruct/blocks/``: a killed run restarted with
+the same command recomputes the cached inputs through the finished units and
+continues after the last one, ending with the result of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from aphq_cli.errors import AphqError
+from aphq_cli.settings import resolve_settings, settings_from_dict
+
+STAGE = "reconstruct"
+CONFIG_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ReconstructConfig:
+    """Typed, versioned settings of reconstruct (defaults: method.md §6 and §8)."""
+
+    loss: str = "aph"
+    iters: int = 20000
+    images: int = 256
+    w_lr: float = 1e-3  # Adam's default, for the rounding variables
+    a_lr: float = 4e-5
+    drop_prob: float = 0.5
+    quant_ratio: float = 0.5
+    reg_weight: float = 0.01
+    warmup: float = 0.2
+    delta: float = 1e-3
+    seed: int = 0
+    version: int = field(default=CONFIG_VERSION)
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise AphqError(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        for name in ("iters", "images"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise AphqError(f"--{name} must be a positive integer, got {getattr(self, name)}")
+        for name in ("drop_prob", "quant_ratio", "warmup"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise AphqError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+
+
+def resolve_config(cfg, overrides: dict) -> ReconstructConfig:
+    """Defaults, then the model config's ``aphq_defaults``, then the command line."""
+    return resolve_settings(ReconstructConfig, cfg, STAGE, overrides)
+
+
+# Loss registry: how each loss weighs the squared error of a backbone unit's
+# output. The FPN always uses plain MSE (method.md §4).
+LOSSES: dict[str, str] = {
+    "aph": "APH-weighted squared error (average perturbation Hessian of the RPN task loss)",
+    "mse": "plain mean squared error (QDrop)",
+    "fisher": "squared task-loss gradient of the partially quantized model (BRECQ)",
+    "none": "no reconstruction: calibration alone",
+}
+
+
+def units_of(detector: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The reconstruction units in forward order: backbone units, then the neck."""
+    return [(f"backbone.{n}", m) for n, m in detector.backbone.units()] + [("neck", detector.neck)]
+
+
+class SoftRounding(nn.Module):
+    """Stands in for a layer's weight quantizer while its rounding is learned."""
+
+    def __init__(self, quantizer: nn.Module, weight: torch.Tensor) -> None:
+        super().__init__()
+        from aphq_cli.quant.adaround import init_alpha
+        self.quantizer = quantizer
+        self.alpha = nn.Parameter(init_alpha(weight.detach(), quantizer.scale))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        from aphq_cli.quant.adaround import soft_quantize_weight
+        q = self.quantizer
+        return soft_quantize_weight(weight, q.scale, q.zero_point, q.bits, self.alpha)
+
+    @torch.no_grad()
+    def harden(self, weight: torch.Tensor) -> torch.Tensor:
+        from aphq_cli.quant.adaround import soft_quantize_weight
+        q = self.quantizer
+        return soft_quantize_weight(weight, q.scale, q.zero_point, q.bits, self.alpha, hard=True)
+
+
+def _run_unit(unit: nn.Module, x):
+    """The neck takes the tuple of backbone maps; every backbone unit one tensor."""
+    return unit(tuple(x)) if isinstance(x, (list, tuple)) else unit(x)
+
+
+def _as_list(y) -> list[torch.Tensor]:
+    return list(y) if isinstance(y, (list, tuple)) else [y]
+
+
+def _pack(y) -> dict[str, torch.Tensor]:
+    return {f"t{i}": t for i, t in enumerate(_as_list(y))}
+
+
+def _unpack(d: dict[str, torch.Tensor]):
+    items = [d[f"t{i}"] for i in range(len(d))]
+    return items[0] if len(items) == 1 else items
+
+
+def reconstruct_unit(unit: nn.Module, caches: "UnitCaches", k: int, weights, config: ReconstructConfig,
+                     seed: int, progress: Callable[[int, int, float], None] | None = None) -> list[float]:
+    """Learn rounding and activation scales of unit ``k`` from its cached inputs and targets.
+
+    Afterwards the rounding is hard: each weight holds its quantized value.
+
+    Args:
+        caches: the float input, quantized-model input and float output per image.
+        weights: callable ``(index) -> weight or None`` (None: plain MSE).
+        progress: optional callable ``(step, total, loss)``.
+
+    Returns:
+        The loss every 10 % of the iterations.
+    """
+    from aphq_cli.quant.adaround import beta_schedule, qdrop_mix, rounding_regularizer
+    from aphq_cli.quant.modules import QuantConv2d, QuantLinear, Quantizer
+
+    layers = [m for m in unit.modules() if isinstance(m, (QuantLinear, QuantConv2d))]
+    acts = [m for n, m in unit.named_modules() if isinstance(m, Quantizer) and not n.endswith("w_quant")]
+    if not layers and not acts:
+        return []
+    soft = {id(layer): SoftRounding(layer.w_quant, layer.weight) for layer in layers}
+    originals = {id(layer): layer.w_quant for layer in layers}
+    for layer in layers:
+        layer.w_quant = soft[id(layer)]
+    scales = [q.scale for q in acts]
+    for s in scales:
+        s.requires_grad_(True)
+    for q in acts:
+        q.drop_prob = config.drop_prob
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    opt_w = torch.optim.Adam([s.alpha for s in soft.values()], lr=config.w_lr)
+    opt_a = torch.optim.Adam(scales, lr=config.a_lr) if scales else None
+    first, losses = None, []
+    try:
+        for step in range(config.iters):
+            i = int(torch.randint(caches.count, (1,), generator=gen))
+            x_fp, x_q = _as_list(caches.fp_in(k, i)), _as_list(caches.q_in(k, i))
+            target = _as_list(caches.target(k, i))
+            x = [qdrop_mix(a, b, config.quant_ratio, gen) for a, b in zip(x_q, x_fp)]
+            out = _as_list(_run_unit(unit, x if len(x) > 1 else x[0]))
+            w = weights(i)
+            rec = sum(((o - t).pow(2) * (w if w is not None else 1.0)).mean() for o, t in zip(out, target))
+            if first is None:
+                first = rec.detach().clamp_min(1e-12)
+            loss = 2 * rec / first
+            beta = beta_schedule(step, config.iters, config.warmup)
+            if beta is not None:
+                loss = loss + config.reg_weight * sum(rounding_regularizer(s.alpha, beta) for s in soft.values())
+            for lr_opt, base in ((opt_a, config.a_lr),):
+                if lr_opt is not None:
+                    for g in lr_opt.param_groups:
+                        g["lr"] = base * 0.5 * (1 + math.cos(math.pi * step / config.iters))
+            opt_w.zero_grad()
+            if opt_a is not None:
+                opt_a.zero_grad()
+            loss.backward()
+            opt_w.step()
+            if opt_a is not None:
+                opt_a.step()
+                with torch.no_grad():
+                    for s in scales:
+                        s.clamp_(min=1e-8)
+            if (step + 1) % max(1, config.iters // 10) == 0:
+                losses.append(loss.item())
+            if progress is not None:
+                progress(step + 1, config.iters, loss.item())
+    finally:
+        with torch.no_grad():
+            for layer in layers:
+                layer.weight.copy_(soft[id(layer)].harden(layer.weight))
+                layer.w_quant = originals[id(layer)]
+        for s in scales:
+            s.requires_grad_(False)
+        for q in acts:
+            q.drop_prob = 0.0
+    return losses
+
+
+def _fill(cache, entry: str, count: int, fn, progress=None) -> None:
+    """``cache[entry][i] = fn(i)`` for every image, unless already complete."""
+    if cache.complete(entry, count):
+        return
+    with torch.no_grad():
+        for i in range(count):
+            cache.put(entry, i, _pack(fn(i)))
+            if progress is not None:
+                progress(i + 1, count)
+    cache.finish(entry, count)
+
+
+def _get(cache, entry: str, i: int, device):
+    return _unpack(cache.get(entry, i, device))
+
+
+class UnitCaches:
+    """Per-image tensors of the unit being reconstructed, on disk.
+
+    Unit k's float input is unit k-1's float output ``y/<k-1>`` (the image
+    for k = 0); its quantized-model input ``q/<k>`` is unit k-1, already
+    reconstructed, applied to ``q/<k-1>``. The neck's inputs are the two
+    backbones' outputs. Only two units' entries are kept at a time.
+    """
+
+    def __init__(self, cache, imgs, device) -> None:
+        self.cache, self.imgs, self.device, self.count = cache, imgs, device, len(imgs)
+
+    def fp_in(self, k: int, i: int):
+        return self.imgs[i] if k == 0 else _get(self.cache, f"fp/{k}" if self.cache.complete(f"fp/{k}", self.count)
+                                                else f"y/{k - 1}", i, self.device)
+
+    def q_in(self, k: int, i: int):
+        return self.imgs[i] if k == 0 else _get(self.cache, f"q/{k}", i, self.device)
+
+    def target(self, k: int, i: int):
+        return _get(self.cache, f"y/{k}", i, self.device)
+
+    def prepare(self, k: int, name: str, unit_q, unit_fp, detector, fp, prev_unit, report) -> None:
+        """Make unit k's quantized input and float output available."""
+        if name == "neck":
+            _fill(self.cache, f"fp/{k}", self.count, lambda i: fp.backbone(self.imgs[i]),
+                  lambda d, t: report("neck inputs (float)", d, t))
+            _fill(self.cache, f"q/{k}", self.count, lambda i: detector.backbone(self.imgs[i]),
+                  lambda d, t: report("neck inputs (quantized)", d, t))
+            _fill(self.cache, f"y/{k}", self.count,
+                  lambda i: unit_fp(tuple(_as_list(self.fp_in(k, i)))))
+            return
+        if k > 0:
+            _fill(self.cache, f"q/{k}", self.count, lambda i: prev_unit(self.q_in(k - 1, i)))
+        _fill(self.cache, f"y/{k}", self.count, lambda i: unit_fp(self.fp_in(k, i)))
+
+    def release(self, k: int) -> None:
+        """Unit k is done and unit k+1 prepared: k's quantized input and k-1's output go."""
+        self.cache.drop(f"q/{k}")
+        if k > 0:
+            self.cache.drop(f"y/{k - 1}")
+
+
+def _loss_weights(loss: str, k: int, name: str, unit_q, detector, fp, caches: UnitCaches, aph, delta: float,
+                  report) -> Callable[[int], torch.Tensor | None]:
+    """``index -> weight map`` of the chosen loss for a backbone unit (None: plain MSE)."""
+    from aphq_cli.quant.aph import block_fisher, ensure_block_aph
+
+    if name == "neck" or loss == "mse":
+        return lambda i: None
+    if loss == "aph":
+        ensure_block_aph(fp, name, fp.get_submodule(name), caches.imgs, aph, delta,
+                         lambda d, t: report(f"APH {name}", d, t))
+        return lambda i: aph.get(name, i, caches.device)["aph"]
+    if loss == "fisher":
+        entry = f"fisher/{k}"
+        if not caches.cache.complete(entry, caches.count):
+            for i in range(caches.count):
+                caches.cache.put(entry, i, {"w": block_fisher(detector, fp, unit_q, caches.imgs[i])})
+                report(f"Fisher {name}", i + 1, caches.count)
+            caches.cache.finish(entry, caches.count)
+        return lambda i: caches.cache.get(entry, i, caches.device)["w"]
+    raise AphqError(f"unknown loss {loss!r}")
+
+
+def reconstruct(*, run: Path, loss: str | None = None, iters: int | None = None, images: int | None = None,
+                device: str = "cpu", force: bool = False, trust_checkpoint: bool = False,
+                settings: dict | None = None, progress=None) -> tuple[Path, bool]:
+    """Reconstruct the calibrated model of ``run`` into ``run/reconstruct.safetensors``.
+
+    Args:
+        progress: optional callable ``(description, done, total)``.
+
+    Returns:
+        ``(artifact path, cache hit)``.
+    """
+    from aphq_cli.artifacts import is_current, load_artifact, save_artifact, sha256_file, sha256_json
+    from aphq_cli.devices import resolve_device
+    from aphq_cli.runs import aph_cache, load_stage, prepare_run, stage_path
+    from aphq_cli.tensorcache import TensorCache
+    from stages.calibrate import quantized_tensors
+
+    overrides = dict(settings or {}, loss=loss, iters=iters, images=images)
+    settings_from_dict(ReconstructConfig, {k: v for k, v in overrides.items() if v is not None}, STAGE)
+    calib_path = stage_path(run, "calibrate")
+    if not calib_path.is_file():
+        raise AphqError(f"{calib_path} does not exist; run `aphq calibrate --run {run}` first")
+    dev = resolve_device(device)
+    detector, source, calib = load_stage(run, "calibrate", dev, trust_checkpoint=trust_checkpoint)
+    config = resolve_config(source.cfg, overrides)
+    dataset = source.dataset("calib", limit=config.images)
+    out = stage_path(prepare_run(run), STAGE)
+    inputs = source.fingerprints(dataset) | {"options": sha256_json(asdict(config)), "calibrate": sha256_file(calib_path)}
+    if not force and is_current(out, stage=STAGE, inputs=inputs):
+        return out, True
+
+    report = progress or (lambda *a: None)
+    mlp = calib.config.get("mlp_recon_artifact") or None
+    fp = source.build(dev, mlp_recon=Path(mlp) if mlp else None)
+    before = {k: v.clone() for k, v in fp.state_dict().items()}
+    cache = TensorCache(Path(run) / "reconstruct" / "cache")
+    if force:
+        cache.drop("")
+    caches = UnitCaches(cache, source.images(dataset, dev), dev)
+    aph = aph_cache(source, dataset, config.delta, extra=calib.inputs.get("mlp_recon", ""))
+    header = calib.config | {"reconstruct": asdict(config)}
+    blocks = Path(run) / "reconstruct" / "blocks"
+    units = units_of(detector) if config.loss != "none" else []
+    for k, (name, unit) in enumerate(units):
+        caches.prepare(k, name, unit, fp.get_submodule(name), detector, fp, units[k - 1][1] if k else None, report)
+        path = blocks / f"{k:02d}_{name.replace('.', '_')}.safetensors"
+        if not force and is_current(path, stage="reconstruct-unit", inputs=inputs):
+            _load_unit(unit, name, load_artifact(path, stage="reconstruct-unit", expect_inputs=inputs)[0])
+        else:
+            weights = _loss_weights(config.loss, k, name, unit, detector, fp, caches, aph, config.delta, report)
+            label = f"unit {k + 1}/{len(units)} {name}"
+            losses = reconstruct_unit(unit, caches, k, weights, config, config.seed * 1000 + k,
+                                      lambda s, t, value: report(label, s, t))
+            save_artifact(path, {f"{name}.{key}": v.detach().clone() for key, v in unit.state_dict().items()},
+                          stage="reconstruct-unit", config=header | {"unit": name, "losses": losses,
+                                                                       "total_blocks": len(units)}, inputs=inputs)
+        if k > 0:
+            caches.release(k - 1)
+    cache.drop("")
+    if mlp:
+        inputs = inputs | {"mlp_recon": calib.inputs["mlp_recon"]}
+    save_artifact(out, quantized_tensors(detector, before), stage=STAGE, config=header, inputs=inputs,
+                  extra={"model": source.spec.name})
+    return out, False
+
+
+def _load_unit(unit: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Put a finished unit's saved state (hard-rounded weights, learned scales) back in place."""
+    state = unit.state_dict()
+    with torch.no_grad():
+        for key, value in tensors.items():
+            state[key[len(name) + 1:]].copy_(value)
