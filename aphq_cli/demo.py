@@ -1,9 +1,8 @@
-"""``aphq demo``: the stage chain on the embedded testbed, with a table of AP and time per stage.
+"""``aphq demo``: the whole stage chain on the embedded testbed, with AP and time per stage.
 
-Runs what the pipeline has today: float evaluation, calibration at W4/A4 and
-evaluation of the calibrated model. Each stage is served from the run
-folder's cache when its inputs are unchanged, so a second demo takes seconds
-for the stages and only re-evaluates.
+Each stage is served from the run folder's cache when its inputs are
+unchanged, so a second demo takes seconds for the stages and only
+re-evaluates.
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from aphq_cli.console import err, progress_bar
+from aphq_cli.console import err
 
 
 @dataclass
@@ -30,28 +29,49 @@ def run_demo(*, model: str = "tiny-mask-rcnn", run: Path = Path("runs/demo"), w_
              limit: int | None = None, device: str = "cpu", json_path: Path | None = None) -> list[StageRow]:
     """Run the chain and return one row per step.
 
+    FP eval, mlp-recon, eval of the ReLU model, calibrate, reconstruct (aph),
+    eval, export, and eval of the export reloaded from its file alone.
+
     Args:
         limit: evaluate on the first N val images only (all by default).
     """
     from stages.calibrate import calibrate
     from stages.eval import evaluate
+    from stages.export import export
+    from stages.mlp_recon import mlp_recon
+    from stages.reconstruct import reconstruct
+
+    from aphq_cli.console import stage_progress
 
     rows: list[StageRow] = []
 
-    def timed(label: str, fn):
+    def step(label: str, fn, metrics=False):
         start = time.perf_counter()
-        with progress_bar(label) as update:
-            out = fn(update)
-        return out, round(time.perf_counter() - start, 1)
+        with stage_progress() as report:
+            out = fn(lambda *a: report(f"{label}: {a[0]}" if len(a) == 3 else label, *a[-2:]))
+        seconds = round(time.perf_counter() - start, 1)
+        if metrics:
+            rows.append(StageRow(label, seconds, out.metrics))
+        else:
+            path, hit = out if isinstance(out, tuple) else (out, False)
+            rows.append(StageRow(label, seconds, note="cached" if hit else str(path)))
+        return out
 
-    fp, sec = timed("eval fp", lambda u: evaluate(model=model, limit=limit, device=device, progress=u))
-    rows.append(StageRow("fp eval", sec, fp.metrics))
-    (path, hit), sec = timed(f"calibrate W{w_bits}A{a_bits}", lambda u: calibrate(
-        model=model, run=run, w_bits=w_bits, a_bits=a_bits, device=device, progress=u))
-    rows.append(StageRow(f"calibrate W{w_bits}A{a_bits}", sec, note="cached" if hit else str(path)))
-    q, sec = timed("eval calibrated", lambda u: evaluate(run=run, stage="calibrate", limit=limit, device=device,
-                                                         progress=u))
-    rows.append(StageRow("calibrated eval", sec, q.metrics))
+    step("fp eval", lambda p: evaluate(model=model, limit=limit, device=device, progress=p), metrics=True)
+    step("mlp-recon", lambda p: mlp_recon(model=model, run=run, device=device, progress=p))
+    step("mlp-recon eval", lambda p: evaluate(run=run, stage="mlp-recon", limit=limit, device=device, progress=p),
+         metrics=True)
+    step(f"calibrate W{w_bits}A{a_bits}", lambda p: calibrate(model=model, run=run, w_bits=w_bits, a_bits=a_bits,
+                                                              device=device, progress=p))
+    step("calibrate eval", lambda p: evaluate(run=run, stage="calibrate", limit=limit, device=device, progress=p),
+         metrics=True)
+    step("reconstruct (aph)", lambda p: reconstruct(run=run, loss="aph", device=device, progress=p))
+    step("reconstruct eval", lambda p: evaluate(run=run, stage="reconstruct", limit=limit, device=device,
+                                                progress=p), metrics=True)
+    out = Path(run) / "export.safetensors"
+    step("export", lambda p: export(run=run, out=out))
+    step("export reload eval", lambda p: evaluate(artifact=out, limit=limit, device=device, progress=p),
+         metrics=True)
     if json_path is not None:
         from aphq_cli.artifacts import atomic_write_text
         payload = {"model": model, "run": str(run), "w_bits": w_bits, "a_bits": a_bits,
