@@ -64,7 +64,7 @@ def load_config(spec: ModelSpec):
     Returns:
         ``mmcv.Config``.
     """
-    from mmcv import Config
+    from mmcv import Config, ConfigDict
 
     try:
         cfg = Config.fromfile(str(spec.config))
@@ -72,7 +72,7 @@ def load_config(spec: ModelSpec):
         raise AphqError(f"model config {spec.config} could not be read ({err})") from err
     if "model" not in cfg:
         raise AphqError(f"model config {spec.config} defines no `model`")
-    cfg.model.backbone = normalize_backbone(cfg.model.get("backbone", {}))
+    cfg.model.backbone = ConfigDict(normalize_backbone(cfg.model.get("backbone", {})))
     # Weights come from the checkpoint; never fetch pretrained backbones.
     cfg.model.pop("pretrained", None)
     cfg.model.backbone.pop("init_cfg", None)

@@ -17,7 +17,7 @@ PAPER_MODELS = {  # name -> (detector type, Swin depths)
 
 
 def _forward(model, h=160, w=224):
-    meta = dict(img_shape=(h, w, 3), ori_shape=(h, w, 3), pad_shape=(h, w, 3), scale_factor=np.ones(4),
+    meta = dict(img_shape=(h, w, 3), ori_shape=(h, w, 3), pad_shape=(h, w, 3), scale_factor=np.ones(4, dtype=np.float32),
                 flip=False, batch_input_shape=(h, w))
     with torch.no_grad():
         return model(return_loss=False, rescale=True, img=[torch.randn(1, 3, h, w)], img_metas=[[meta]])
