@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -86,8 +87,10 @@ def coco_metrics(dataset, results: list) -> tuple[dict[str, float], str]:
     """Evaluate with pycocotools; returns percent metrics and the printed summary."""
     metrics = [m for m in IOU_TYPES if m == "bbox" or isinstance(results[0], tuple)]
     log = io.StringIO()
-    # pycocotools prints its summary on stdout, which belongs to data (--json).
-    with contextlib.redirect_stdout(log):
+    # pycocotools prints its summary on stdout, which belongs to data (--json);
+    # mmdetection warns about a deleted key on every mask evaluation.
+    with contextlib.redirect_stdout(log), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
         raw = dataset.evaluate(results, metric=metrics)
     return percent_metrics(raw), log.getvalue()
 
