@@ -59,6 +59,23 @@ def user_errors(fn: Callable) -> Callable:
     return wrapper
 
 
+def run_stage(stage_fn: Callable, label: str | None = None, **kwargs) -> None:
+    """Run a stage function with progress bars, say when it was a cache hit, print its artifact path.
+
+    Args:
+        label: a one-bar stage (progress ``(done, total)``) gets this label;
+            multi-phase stages (progress ``(description, done, total)``) pass None.
+    """
+    from aphq_cli.console import err, stage_progress
+
+    with stage_progress() as report:
+        progress = (lambda done, total: report(label, done, total)) if label else report
+        path, hit = stage_fn(progress=progress, **kwargs)
+    if hit:
+        err.print(f"{path} is current (same inputs and options); --force recomputes it")
+    print(path)
+
+
 ModelOpt = typer.Option("tiny-mask-rcnn", "--model", "-m",
                         help="Built-in model name (see `aphq models`) or mmdetection config path.")
 CheckpointOpt = typer.Option(None, "--checkpoint", "-c",
@@ -121,16 +138,11 @@ def calibrate_cmd(
     trust_checkpoint: bool = TrustOpt,
 ) -> None:
     """Quantize every Linear, Conv2d and attention matmul with searched scales."""
-    from aphq_cli.console import err, progress_bar
     from stages.calibrate import calibrate
 
-    with progress_bar("calibrate: layers") as update:
-        path, hit = calibrate(model=model, run=run, w_bits=w_bits, a_bits=a_bits, calib_images=calib_images,
-                              image_list=image_list, checkpoint=checkpoint, data=data, device=device, force=force,
-                              trust_checkpoint=trust_checkpoint, progress=update)
-    if hit:
-        err.print(f"{path} is current (same checkpoint, data and options); --force recomputes it")
-    print(path)
+    run_stage(calibrate, "calibrate: layers", model=model, run=run, w_bits=w_bits, a_bits=a_bits,
+              calib_images=calib_images, image_list=image_list, checkpoint=checkpoint, data=data, device=device,
+              force=force, trust_checkpoint=trust_checkpoint)
 
 
 @app.command("mlp-recon")
@@ -147,15 +159,10 @@ def mlp_recon_cmd(
     trust_checkpoint: bool = TrustOpt,
 ) -> None:
     """Replace GELU with ReLU in every Swin MLP and reconstruct fc1/fc2 block by block (resumable)."""
-    from aphq_cli.console import err, stage_progress
     from stages.mlp_recon import mlp_recon
 
-    with stage_progress() as report:
-        path, hit = mlp_recon(model=model, run=run, iters=iters, images=images, checkpoint=checkpoint, data=data,
-                              device=device, force=force, trust_checkpoint=trust_checkpoint, progress=report)
-    if hit:
-        err.print(f"{path} is current (same checkpoint, data and options); --force recomputes it")
-    print(path)
+    run_stage(mlp_recon, model=model, run=run, iters=iters, images=images, checkpoint=checkpoint, data=data,
+              device=device, force=force, trust_checkpoint=trust_checkpoint)
 
 
 @app.command("reconstruct")
@@ -170,15 +177,10 @@ def reconstruct_cmd(
     trust_checkpoint: bool = TrustOpt,
 ) -> None:
     """Block-wise AdaRound reconstruction with APH weights (resumable per unit)."""
-    from aphq_cli.console import err, stage_progress
     from stages.reconstruct import reconstruct
 
-    with stage_progress() as report:
-        path, hit = reconstruct(run=run, loss=loss, iters=iters, images=images, device=device, force=force,
-                                trust_checkpoint=trust_checkpoint, progress=report)
-    if hit:
-        err.print(f"{path} is current (same calibration, data and options); --force recomputes it")
-    print(path)
+    run_stage(reconstruct, run=run, loss=loss, iters=iters, images=images, device=device, force=force,
+              trust_checkpoint=trust_checkpoint)
 
 
 @app.command("export")
