@@ -317,7 +317,8 @@ def reconstruct(*, run: Path, loss: str | None = None, iters: int | None = None,
         cache.drop("")
     caches = UnitCaches(cache, source.images(dataset, dev), dev)
     aph = aph_cache(source, dataset, config.delta, extra=calib.inputs.get("mlp_recon", ""))
-    header = calib.config | {"reconstruct": asdict(config)}
+    # The calibrate settings (bit-widths) carry over; images are reconstruct's own.
+    header = calib.config | source.header(dataset) | {"reconstruct": asdict(config)}
     blocks = Path(run) / "reconstruct" / "blocks"
     units = units_of(detector) if config.loss != "none" else []
     for k, (name, unit) in enumerate(units):
