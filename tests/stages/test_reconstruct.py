@@ -42,7 +42,7 @@ def test_needs_a_calibrated_run(tmp_path):
 
 @pytest.mark.parametrize("loss", ["aph", "fisher"])
 def test_weights_end_on_their_grid(calibrated, loss):
-    reconstruct(run=calibrated, loss=loss, settings=SMALL)
+    reconstruct(run=calibrated, loss=loss, settings={"iters": 2, "images": 1})
     model, _, header = load_stage(calibrated)
     assert header.stage == "reconstruct" and header.config["reconstruct"]["loss"] == loss
     for m in model.backbone.modules():
