@@ -10,7 +10,6 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from aphq_cli.errors import AphqError
 
 # mmdetection metric suffix -> our name; values are reported in percent.
 _METRICS = {"mAP": "AP", "mAP_50": "AP50", "mAP_75": "AP75", "mAP_s": "APs", "mAP_m": "APm", "mAP_l": "APl"}

@@ -166,10 +166,9 @@ def reconstruct_unit(unit: nn.Module, caches: "UnitCaches", k: int, weights, con
             beta = beta_schedule(step, config.iters, config.warmup)
             if beta is not None:
                 loss = loss + config.reg_weight * sum(rounding_regularizer(s.alpha, beta) for s in soft.values())
-            for lr_opt, base in ((opt_a, config.a_lr),):
-                if lr_opt is not None:
-                    for g in lr_opt.param_groups:
-                        g["lr"] = base * 0.5 * (1 + math.cos(math.pi * step / config.iters))
+            if opt_a is not None:  # activation scales: cosine decay (method.md §6)
+                for g in opt_a.param_groups:
+                    g["lr"] = config.a_lr * 0.5 * (1 + math.cos(math.pi * step / config.iters))
             opt_w.zero_grad()
             if opt_a is not None:
                 opt_a.zero_grad()

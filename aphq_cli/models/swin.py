@@ -17,7 +17,6 @@ that code in two ways that the quantization stages rely on:
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
