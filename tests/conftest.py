@@ -21,3 +21,25 @@ def random_tiny_checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     model = build_model(load_config(resolve_model("tiny-mask-rcnn")))
     return save_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "tiny-random.safetensors")
+
+
+def kill_when_done(code: str, folder, count: int, env=None, timeout: float = 240) -> int:
+    """Run ``python -c code``, SIGKILL it once ``folder`` holds ``count`` .safetensors files.
+
+    Returns:
+        How many files were there after the kill.
+    """
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    child = subprocess.Popen([sys.executable, "-c", code], env=env or dict(os.environ),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while time.time() < deadline and len(list(folder.glob("*.safetensors"))) < count and child.poll() is None:
+        time.sleep(0.02)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    return len(list(folder.glob("*.safetensors")))

@@ -1,10 +1,6 @@
 """aphq mlp-recon: the loss by hand, kill-and-resume equality, and what calibrate builds on."""
 
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -15,6 +11,7 @@ from aphq_cli.errors import AphqError
 from aphq_cli.runs import load_stage
 from aphq_cli.settings import settings_from_dict
 from stages.mlp_recon import MlpReconConfig, cosine_lr, mlp_recon, mlp_with_clip, reconstruction_loss
+from tests.conftest import kill_when_done
 
 SMALL = {"iters": 6, "images": 2}
 
@@ -64,14 +61,7 @@ def test_kill_and_resume_gives_the_uninterrupted_result(tmp_path, synth_dir, ran
     code = ("import sys; from pathlib import Path; from stages.mlp_recon import mlp_recon; "
             f"mlp_recon(model='tiny-mask-rcnn', run=Path({str(tmp_path / 'killed')!r}), "
             f"checkpoint=Path({str(random_tiny_checkpoint)!r}), data=Path({str(synth_dir)!r}), settings={SMALL!r})")
-    child = subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ, APHQ_CACHE=str(tmp_path / "cache")),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and len(list(blocks.glob("*.safetensors"))) < 3 and child.poll() is None:
-        time.sleep(0.05)
-    child.send_signal(signal.SIGKILL)
-    child.wait()
-    done = len(list(blocks.glob("*.safetensors")))
+    done = kill_when_done(code, blocks, 3, env=dict(os.environ, APHQ_CACHE=str(tmp_path / "cache")))
     assert 3 <= done < 8, "the kill should land between blocks 3 and 8"
     assert not (tmp_path / "killed" / "mlp_recon.safetensors").exists()
     resumed, hit = _run(tmp_path / "killed", random_tiny_checkpoint, synth_dir)

@@ -1,11 +1,5 @@
 """aphq reconstruct: hard rounding, losses, kill-and-resume equality, and the gain over calibration."""
 
-import os
-import signal
-import subprocess
-import sys
-import time
-
 import pytest
 import torch
 
@@ -15,6 +9,7 @@ from aphq_cli.quant.modules import QuantConv2d, QuantLinear
 from aphq_cli.runs import load_stage
 from stages.calibrate import calibrate
 from stages.reconstruct import LOSSES, ReconstructConfig, reconstruct
+from tests.conftest import kill_when_done
 
 FAST_CALIB = {"eq_n": 16, "matmul_eq_n": 4, "search_round": 1, "max_windows": 8}
 SMALL = {"iters": 4, "images": 2}
@@ -68,14 +63,7 @@ def test_kill_and_resume_gives_the_uninterrupted_result(calibrated, tmp_path):
     blocks = twin / "reconstruct" / "blocks"
     code = ("from pathlib import Path; from stages.reconstruct import reconstruct; "
             f"reconstruct(run=Path({str(twin)!r}), loss='mse', settings={SMALL!r})")
-    child = subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ), stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and len(list(blocks.glob("*.safetensors"))) < 4 and child.poll() is None:
-        time.sleep(0.02)
-    child.send_signal(signal.SIGKILL)
-    child.wait()
-    done = len(list(blocks.glob("*.safetensors")))
+    done = kill_when_done(code, blocks, 4)
     assert 4 <= done < 13, "the kill should land midway"
     resumed, hit = reconstruct(run=twin, loss="mse", settings=SMALL)
     assert not hit
