@@ -19,35 +19,12 @@ err = Console(stderr=True)
 
 
 @contextlib.contextmanager
-def progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
-    """A progress bar that appears at its first update; yields ``update(done, total)``.
-
-    Shown only once work starts, so a command that fails on its input prints
-    its one error line and nothing else.
-    """
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
-    progress = Progress(*columns, console=err, transient=False)
-    task = progress.add_task(description, total=None)
-    started = False
-
-    def update(done: int, total: int) -> None:
-        nonlocal started
-        if not started:
-            progress.start()
-            started = True
-        progress.update(task, completed=done, total=total)
-
-    try:
-        yield update
-    finally:
-        if started:
-            progress.stop()
-
-
-@contextlib.contextmanager
 def stage_progress() -> Iterator[Callable[[str, int, int], None]]:
-    """One bar per phase of a multi-phase stage; yields ``report(description, done, total)``."""
+    """One bar per phase of a multi-phase stage; yields ``report(description, done, total)``.
+
+    Bars appear at the first report, so a command that fails on its input
+    prints its one error line and nothing else.
+    """
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
     progress = Progress(*columns, console=err, transient=False)
@@ -65,6 +42,13 @@ def stage_progress() -> Iterator[Callable[[str, int, int], None]]:
     finally:
         if tasks:
             progress.stop()
+
+
+@contextlib.contextmanager
+def progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
+    """A single bar that appears at its first update; yields ``update(done, total)``."""
+    with stage_progress() as report:
+        yield lambda done, total: report(description, done, total)
 
 
 def metrics_table(title: str, rows: dict[str, dict[str, float]]) -> Table:

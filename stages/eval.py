@@ -120,43 +120,33 @@ def evaluate(*, model: str = "tiny-mask-rcnn", checkpoint: Path | None = None, d
 
     dev = resolve_device(device)
     if artifact is not None:
-        from aphq_cli.data.coco import build_dataset
         from stages.export import load_export
         detector, cfg, header = load_export(artifact, dev)
         recorded = header.config["data"]
-        dataset = build_dataset(cfg, "test", Path(data) if data is not None else (Path(recorded) if recorded else None),
-                                limit=limit)
-        start = time.perf_counter()
-        results = run_inference(detector, dataset, device=dev, progress=progress)
-        metrics, log = coco_metrics(dataset, results)
-        return _finish(EvalResult(metrics, f"{header.config['model']} [export]", str(artifact),
-                                  str(Path(dataset.ann_file).parent.parent), len(dataset),
-                                  round(time.perf_counter() - start, 2), log), json_path)
-    if run is not None:
+        dataset = _test_split(cfg, data if data is not None else (Path(recorded) if recorded else None), limit)
+        label, weights = f"{header.config['model']} [export]", str(artifact)
+    elif run is not None:
         stage = stage or newest_stage(run)
         detector, source, _ = load_stage(run, stage, dev, trust_checkpoint=trust_checkpoint)
-        dataset = _test_split(source, data, limit)
-        label = f"{source.spec.name} [{stage}]"
+        dataset = _test_split(source.cfg, data if data is not None else source.data, limit)
+        label, weights = f"{source.spec.name} [{stage}]", str(source.checkpoint)
     else:
         source = ModelSource.open(model, checkpoint, data, trust_checkpoint=trust_checkpoint)
         # Check the data before the (slow) model build, so a typo fails at once.
-        dataset = _test_split(source, data, limit)
+        dataset = _test_split(source.cfg, data if data is not None else source.data, limit)
         detector = source.build(dev)
-        label = f"{source.spec.name} [fp]"
+        label, weights = f"{source.spec.name} [fp]", str(source.checkpoint)
     start = time.perf_counter()
     results = run_inference(detector, dataset, device=dev, progress=progress)
     metrics, log = coco_metrics(dataset, results)
-    return _finish(EvalResult(metrics, label, str(source.checkpoint), str(Path(dataset.ann_file).parent.parent),
-                              len(dataset), round(time.perf_counter() - start, 2), log), json_path)
-
-
-def _finish(result: EvalResult, json_path: Path | None) -> EvalResult:
+    result = EvalResult(metrics, label, weights, str(Path(dataset.ann_file).parent.parent), len(dataset),
+                        round(time.perf_counter() - start, 2), log)
     if json_path is not None:
         from aphq_cli.artifacts import atomic_write_text
         atomic_write_text(Path(json_path), json.dumps(result.to_json(), indent=2) + "\n")
     return result
 
 
-def _test_split(source, data: Path | None, limit: int | None):
+def _test_split(cfg, data: Path | None, limit: int | None):
     from aphq_cli.data.coco import build_dataset
-    return build_dataset(source.cfg, "test", Path(data) if data is not None else source.data, limit=limit)
+    return build_dataset(cfg, "test", Path(data) if data is not None else None, limit=limit)
