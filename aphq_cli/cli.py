@@ -83,6 +83,9 @@ CheckpointOpt = typer.Option(None, "--checkpoint", "-c",
                                   "Default: a testbed model's bundled weights.")
 DataOpt = typer.Option(None, "--data", "-d", help="COCO-layout data folder (annotations/ and image folders).")
 DeviceOpt = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N.")
+QuantConfigOpt = typer.Option(None, "--quant-config", "-q",
+                              help="TOML/YAML file of stage settings, or a preset name (4bit: the paper's "
+                                   "published configuration). Options given here override single keys.")
 TrustOpt = typer.Option(False, "--trust-checkpoint",
                         help="Load a pickled checkpoint that torch.load(weights_only=True) refuses. "
                              "Only for files you trust: unpickling can run code.")
@@ -135,6 +138,7 @@ def calibrate_cmd(
     data: Optional[Path] = DataOpt,
     device: str = DeviceOpt,
     force: bool = typer.Option(False, "--force", help="Recompute even if the artifact is current."),
+    quant_config: Optional[str] = QuantConfigOpt,
     trust_checkpoint: bool = TrustOpt,
 ) -> None:
     """Quantize every Linear, Conv2d and attention matmul with searched scales."""
@@ -142,7 +146,7 @@ def calibrate_cmd(
 
     run_stage(calibrate, "calibrate: layers", model=model, run=run, w_bits=w_bits, a_bits=a_bits,
               calib_images=calib_images, image_list=image_list, checkpoint=checkpoint, data=data, device=device,
-              force=force, trust_checkpoint=trust_checkpoint)
+              force=force, trust_checkpoint=trust_checkpoint, quant_config=quant_config)
 
 
 @app.command("mlp-recon")
@@ -156,13 +160,14 @@ def mlp_recon_cmd(
     data: Optional[Path] = DataOpt,
     device: str = DeviceOpt,
     force: bool = typer.Option(False, "--force", help="Recompute every block even if finished."),
+    quant_config: Optional[str] = QuantConfigOpt,
     trust_checkpoint: bool = TrustOpt,
 ) -> None:
     """Replace GELU with ReLU in every Swin MLP and reconstruct fc1/fc2 block by block (resumable)."""
     from stages.mlp_recon import mlp_recon
 
     run_stage(mlp_recon, model=model, run=run, iters=iters, images=images, checkpoint=checkpoint, data=data,
-              device=device, force=force, trust_checkpoint=trust_checkpoint)
+              device=device, force=force, trust_checkpoint=trust_checkpoint, quant_config=quant_config)
 
 
 @app.command("reconstruct")
@@ -174,13 +179,14 @@ def reconstruct_cmd(
     images: Optional[int] = typer.Option(None, "--images", help="Reconstruction images (default 256; testbed: its config)."),
     device: str = DeviceOpt,
     force: bool = typer.Option(False, "--force", help="Recompute every unit even if finished."),
+    quant_config: Optional[str] = QuantConfigOpt,
     trust_checkpoint: bool = TrustOpt,
 ) -> None:
     """Block-wise AdaRound reconstruction with APH weights (resumable per unit)."""
     from stages.reconstruct import reconstruct
 
     run_stage(reconstruct, run=run, loss=loss, iters=iters, images=images, device=device, force=force,
-              trust_checkpoint=trust_checkpoint)
+              trust_checkpoint=trust_checkpoint, quant_config=quant_config)
 
 
 @app.command("export")

@@ -18,12 +18,16 @@ def settings_from_dict(cls: type[T], values: dict, stage: str) -> T:
     return cls(**values)
 
 
-def resolve_settings(cls: type[T], cfg, stage: str, overrides: dict) -> T:
-    """Dataclass defaults, then the model config's ``aphq_defaults[<stage>]``, then non-None overrides.
+def resolve_settings(cls: type[T], cfg, stage: str, overrides: dict, file_values: dict | None = None) -> T:
+    """Dataclass defaults, the model config's ``aphq_defaults[<stage>]``, a quant config, then overrides.
+
+    Later layers win key by key; ``None`` overrides (options not given) are skipped.
 
     Args:
         stage: the stage name (``mlp-recon``); its config key uses underscores.
+        file_values: this stage's section of a ``--quant-config`` file.
     """
     values = dict(cfg.get("aphq_defaults", {}).get(stage.replace("-", "_"), {}))
+    values.update(file_values or {})
     values.update({k: v for k, v in overrides.items() if v is not None})
     return settings_from_dict(cls, values, stage)

@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--init", type=Path, default=None, help="start from these weights where they fit")
     ap.add_argument("--out", type=Path, default=None, help="default: the package's weights folder")
+    ap.add_argument("--snapshot-every", type=int, default=0,
+                    help="also save the weights to OUT.snapshot.pt every N iterations (0: never)")
     args = ap.parse_args(argv)
 
     random.seed(args.seed)
@@ -113,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
                     err.print(f"iter {step}: " + " ".join(f"{k}={v:.3f}" for k, v in log_vars.items()
                                                           if k in ("loss", "loss_rpn_cls", "loss_cls",
                                                                    "loss_mask", "s0.loss_cls")))
+                if args.snapshot_every and step % args.snapshot_every == 0:
+                    snap = (args.out or WEIGHTS_DIR / f"{args.model}.safetensors").with_suffix(".snapshot.pt")
+                    torch.save({"iter": step, "state_dict": model.state_dict()}, snap)
                 update(step, args.iters)
     train_seconds = time.perf_counter() - start
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from aphq_cli.errors import AphqError
+from aphq_cli.quantconfig import stage_settings
 from aphq_cli.settings import resolve_settings, settings_from_dict
 from aphq_cli.quant.calib import SearchSettings
 
@@ -43,15 +44,16 @@ class CalibrateConfig(SearchSettings):
 
 
 
-def resolve_config(cfg, overrides: dict) -> CalibrateConfig:
-    """Defaults, then the model config's ``aphq_defaults``, then the command line."""
-    return resolve_settings(CalibrateConfig, cfg, STAGE, overrides)
+def resolve_config(cfg, overrides: dict, file_values: dict | None = None) -> CalibrateConfig:
+    """Defaults, the model config's ``aphq_defaults``, a ``--quant-config`` section, then the command line."""
+    return resolve_settings(CalibrateConfig, cfg, STAGE, overrides, file_values)
 
 
 def calibrate(*, model: str, run: Path, w_bits: int | None = None, a_bits: int | None = None,
               calib_images: int | None = None, checkpoint: Path | None = None, data: Path | None = None,
               image_list: Path | None = None, device: str = "cpu", force: bool = False,
-              trust_checkpoint: bool = False, settings: dict | None = None, progress=None) -> tuple[Path, bool]:
+              trust_checkpoint: bool = False, settings: dict | None = None, quant_config: str | Path | None = None,
+              progress=None) -> tuple[Path, bool]:
     """Calibrate ``model`` into ``run/calibrate.safetensors``.
 
     Args:
@@ -61,6 +63,8 @@ def calibrate(*, model: str, run: Path, w_bits: int | None = None, a_bits: int |
         image_list: a text file of training image ids (one per line) to
             calibrate on instead of the first ``calib_images`` images.
         settings: further :class:`CalibrateConfig` fields.
+        quant_config: a ``--quant-config`` file or preset name; its
+            ``[calibrate]`` settings sit below the explicit arguments.
         force: recompute even when the artifact is current.
         progress: optional callable ``(done, total)``.
 
@@ -71,9 +75,11 @@ def calibrate(*, model: str, run: Path, w_bits: int | None = None, a_bits: int |
     from aphq_cli.runs import ModelSource, prepare_run, stage_path
 
     overrides = dict(settings or {}, w_bits=w_bits, a_bits=a_bits, calib_images=calib_images)
-    settings_from_dict(CalibrateConfig, {k: v for k, v in overrides.items() if v is not None}, STAGE)  # fail fast
+    qc_label, qc_values = stage_settings(quant_config, STAGE)
+    settings_from_dict(CalibrateConfig, qc_values | {k: v for k, v in overrides.items() if v is not None},
+                       STAGE)  # fail fast, before loading anything
     source = ModelSource.open(model, checkpoint, data, trust_checkpoint=trust_checkpoint)
-    config = resolve_config(source.cfg, overrides)
+    config = resolve_config(source.cfg, overrides, qc_values)
     if image_list is not None:
         dataset = source.dataset("calib", image_ids=read_image_list(image_list))
         config = settings_from_dict(CalibrateConfig, {**asdict(config), "calib_images": len(dataset)}, STAGE)
@@ -96,7 +102,8 @@ def calibrate(*, model: str, run: Path, w_bits: int | None = None, a_bits: int |
     detector, params_before = build_calibrated(source, config, dataset, device, mlp_recon=mlp, progress=progress)
     tensors = quantized_tensors(detector, params_before)
     header = source.header(dataset) | {"calibrate": asdict(config),
-                                       "mlp_recon_artifact": str(mlp.resolve()) if mlp else ""}
+                                       "mlp_recon_artifact": str(mlp.resolve()) if mlp else "",
+                                       "quant_config": qc_label}
     save_artifact(out, tensors, stage=STAGE, config=header, inputs=inputs,
                   extra={"model": source.spec.name})
     return out, False

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from aphq_cli.errors import AphqError
+from aphq_cli.quantconfig import stage_settings
 from aphq_cli.settings import resolve_settings, settings_from_dict
 
 STAGE = "mlp-recon"
@@ -59,9 +60,9 @@ class MlpReconConfig:
 
 
 
-def resolve_config(cfg, overrides: dict) -> MlpReconConfig:
-    """Defaults, then the model config's ``aphq_defaults``, then the command line."""
-    return resolve_settings(MlpReconConfig, cfg, STAGE, overrides)
+def resolve_config(cfg, overrides: dict, file_values: dict | None = None) -> MlpReconConfig:
+    """Defaults, the model config's ``aphq_defaults``, a ``--quant-config`` section, then the command line."""
+    return resolve_settings(MlpReconConfig, cfg, STAGE, overrides, file_values)
 
 
 def swin_blocks(detector: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -173,7 +174,7 @@ def apply_mlp_recon(detector: nn.Module, tensors: dict[str, torch.Tensor]) -> No
 def mlp_recon(*, model: str, run: Path, iters: int | None = None, images: int | None = None,
               checkpoint: Path | None = None, data: Path | None = None, device: str = "cpu",
               force: bool = False, trust_checkpoint: bool = False, settings: dict | None = None,
-              progress=None) -> tuple[Path, bool]:
+              quant_config: str | Path | None = None, progress=None) -> tuple[Path, bool]:
     """Run mlp-recon into ``run/mlp_recon.safetensors``; resumable per block.
 
     Args:
@@ -188,9 +189,11 @@ def mlp_recon(*, model: str, run: Path, iters: int | None = None, images: int | 
     from aphq_cli.tensorcache import TensorCache
 
     overrides = dict(settings or {}, iters=iters, images=images)
-    settings_from_dict(MlpReconConfig, {k: v for k, v in overrides.items() if v is not None}, STAGE)  # fail fast
+    qc_label, qc_values = stage_settings(quant_config, STAGE)
+    settings_from_dict(MlpReconConfig, qc_values | {k: v for k, v in overrides.items() if v is not None},
+                       STAGE)  # fail fast, before loading anything
     source = ModelSource.open(model, checkpoint, data, trust_checkpoint=trust_checkpoint)
-    config = resolve_config(source.cfg, overrides)
+    config = resolve_config(source.cfg, overrides, qc_values)
     dataset = source.dataset("calib", limit=config.images)
     out = stage_path(prepare_run(run), STAGE)
     inputs = source.fingerprints(dataset) | {"options": sha256_json(asdict(config))}
@@ -204,7 +207,7 @@ def mlp_recon(*, model: str, run: Path, iters: int | None = None, images: int | 
     block_dir = Path(run) / "mlp_recon" / "blocks"
     io_cache = TensorCache(Path(run) / "mlp_recon" / "cache")
     aph = aph_cache(source, dataset, config.delta)
-    header = source.header(dataset) | {"mlp_recon": asdict(config)}
+    header = source.header(dataset) | {"mlp_recon": asdict(config), "quant_config": qc_label}
 
     if force or not all(io_cache.complete(n, len(images)) for n, _ in blocks):
         ubs = collect_mlp_io(detector, blocks, images, io_cache, config.pct,

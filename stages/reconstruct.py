@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from aphq_cli.errors import AphqError
+from aphq_cli.quantconfig import stage_settings
 from aphq_cli.settings import resolve_settings, settings_from_dict
 
 STAGE = "reconstruct"
@@ -57,9 +58,9 @@ class ReconstructConfig:
                 raise AphqError(f"{name} must be in [0, 1], got {getattr(self, name)}")
 
 
-def resolve_config(cfg, overrides: dict) -> ReconstructConfig:
-    """Defaults, then the model config's ``aphq_defaults``, then the command line."""
-    return resolve_settings(ReconstructConfig, cfg, STAGE, overrides)
+def resolve_config(cfg, overrides: dict, file_values: dict | None = None) -> ReconstructConfig:
+    """Defaults, the model config's ``aphq_defaults``, a ``--quant-config`` section, then the command line."""
+    return resolve_settings(ReconstructConfig, cfg, STAGE, overrides, file_values)
 
 
 # Loss registry: how each loss weighs the squared error of a backbone unit's
@@ -278,7 +279,8 @@ def _loss_weights(loss: str, k: int, name: str, unit_q, detector, fp, caches: Un
 
 def reconstruct(*, run: Path, loss: str | None = None, iters: int | None = None, images: int | None = None,
                 device: str = "cpu", force: bool = False, trust_checkpoint: bool = False,
-                settings: dict | None = None, progress=None) -> tuple[Path, bool]:
+                settings: dict | None = None, quant_config: str | Path | None = None,
+                progress=None) -> tuple[Path, bool]:
     """Reconstruct the calibrated model of ``run`` into ``run/reconstruct.safetensors``.
 
     Args:
@@ -294,13 +296,14 @@ def reconstruct(*, run: Path, loss: str | None = None, iters: int | None = None,
     from stages.calibrate import quantized_tensors
 
     overrides = dict(settings or {}, loss=loss, iters=iters, images=images)
-    settings_from_dict(ReconstructConfig, {k: v for k, v in overrides.items() if v is not None}, STAGE)
+    qc_label, qc_values = stage_settings(quant_config, STAGE)
+    settings_from_dict(ReconstructConfig, qc_values | {k: v for k, v in overrides.items() if v is not None}, STAGE)
     calib_path = stage_path(run, "calibrate")
     if not calib_path.is_file():
         raise AphqError(f"{calib_path} does not exist; run `aphq calibrate --run {run}` first")
     dev = resolve_device(device)
     detector, source, calib = load_stage(run, "calibrate", dev, trust_checkpoint=trust_checkpoint)
-    config = resolve_config(source.cfg, overrides)
+    config = resolve_config(source.cfg, overrides, qc_values)
     dataset = source.dataset("calib", limit=config.images)
     out = stage_path(prepare_run(run), STAGE)
     inputs = source.fingerprints(dataset) | {"options": sha256_json(asdict(config)), "calibrate": sha256_file(calib_path)}
@@ -317,7 +320,8 @@ def reconstruct(*, run: Path, loss: str | None = None, iters: int | None = None,
     caches = UnitCaches(cache, source.images(dataset, dev), dev)
     aph = aph_cache(source, dataset, config.delta, extra=calib.inputs.get("mlp_recon", ""))
     # The calibrate settings (bit-widths) carry over; images are reconstruct's own.
-    header = calib.config | source.header(dataset) | {"reconstruct": asdict(config)}
+    header = calib.config | source.header(dataset) | {"reconstruct": asdict(config),
+                                                      "reconstruct_quant_config": qc_label}
     blocks = Path(run) / "reconstruct" / "blocks"
     units = units_of(detector) if config.loss != "none" else []
     for k, (name, unit) in enumerate(units):

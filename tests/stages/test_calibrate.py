@@ -110,3 +110,17 @@ def test_unwritable_run_folder_fails_before_calibrating(tmp_path, synth_dir, ran
     blocker.write_text("not a folder")
     with pytest.raises(AphqError, match="cannot create folder"):
         calibrate(model="tiny-mask-rcnn", run=blocker / "run", checkpoint=random_tiny_checkpoint, data=synth_dir)
+
+
+def test_quant_config_is_resolved_and_recorded(synth_dir, random_tiny_checkpoint, tmp_path):
+    qc = tmp_path / "q.yaml"
+    qc.write_text("w_bits: 3\na_bits: 3\ncalibrate:\n  eq_n: 16\n  matmul_eq_n: 8\n  search_round: 1\n"
+                  "  max_windows: 8\n")
+    run = tmp_path / "run"
+    # --a-bits on the command line overrides the file's a_bits; the rest comes from the file.
+    path, _ = calibrate(model="tiny-mask-rcnn", run=run, a_bits=5, calib_images=1, checkpoint=random_tiny_checkpoint,
+                        data=synth_dir, quant_config=qc)
+    _, _, header = load_stage(run)
+    resolved = header.config["calibrate"]
+    assert (resolved["w_bits"], resolved["a_bits"], resolved["eq_n"], resolved["search_round"]) == (3, 5, 16, 1)
+    assert header.config["quant_config"] == str(qc.resolve())
