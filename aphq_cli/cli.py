@@ -249,6 +249,22 @@ def status_cmd(run: Path = typer.Option(..., "--run", "-r", help="Run folder."))
     err.print(table)
 
 
+@app.command("report")
+@user_errors
+def report_cmd(
+    run: Path = typer.Option(..., "--run", "-r", help="Run folder."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="PNG to write (default RUN/report.png)."),
+) -> None:
+    """A PNG of a run: reconstruction loss per block and box/mask AP per evaluated stage."""
+    from aphq_cli.console import err
+    from aphq_cli.report import write_report
+
+    path, report = write_report(run, out)
+    if report.stale:
+        err.print(f"left out stale evaluations (weights changed since): {', '.join(report.stale)}")
+    print(path)
+
+
 @app.command("inspect")
 @user_errors
 def inspect_cmd(path: Path = typer.Argument(..., help="An artifact or any safetensors file.")) -> None:

@@ -51,26 +51,27 @@ def run_demo(*, model: str = "tiny-mask-rcnn", run: Path = Path("runs/demo"), w_
             out = fn(lambda *a: report(f"{label}: {a[0]}" if len(a) == 3 else label, *a[-2:]))
         seconds = round(time.perf_counter() - start, 1)
         if metrics:
-            rows.append(StageRow(label, seconds, out.metrics))
+            rows.append(StageRow(label, seconds, out.metrics, note="cached" if out.reused else ""))
         else:
             path, hit = out if isinstance(out, tuple) else (out, False)
             rows.append(StageRow(label, seconds, note="cached" if hit else str(path)))
         return out
 
-    step("fp eval", lambda p: evaluate(model=model, limit=limit, device=device, progress=p), metrics=True)
+    cached = dict(reuse=True, record_run=run, limit=limit, device=device)
+    step("fp eval", lambda p: evaluate(model=model, progress=p, **cached), metrics=True)
     step("mlp-recon", lambda p: mlp_recon(model=model, run=run, device=device, progress=p))
-    step("mlp-recon eval", lambda p: evaluate(run=run, stage="mlp-recon", limit=limit, device=device, progress=p),
+    step("mlp-recon eval", lambda p: evaluate(run=run, stage="mlp-recon", progress=p, **cached),
          metrics=True)
     step(f"calibrate W{w_bits}A{a_bits}", lambda p: calibrate(model=model, run=run, w_bits=w_bits, a_bits=a_bits,
                                                               device=device, progress=p))
-    step("calibrate eval", lambda p: evaluate(run=run, stage="calibrate", limit=limit, device=device, progress=p),
+    step("calibrate eval", lambda p: evaluate(run=run, stage="calibrate", progress=p, **cached),
          metrics=True)
     step("reconstruct (aph)", lambda p: reconstruct(run=run, loss="aph", device=device, progress=p))
-    step("reconstruct eval", lambda p: evaluate(run=run, stage="reconstruct", limit=limit, device=device,
-                                                progress=p), metrics=True)
+    step("reconstruct eval", lambda p: evaluate(run=run, stage="reconstruct", progress=p,
+                                                **cached), metrics=True)
     out = Path(run) / "export.safetensors"
     step("export", lambda p: export(run=run, out=out))
-    step("export reload eval", lambda p: evaluate(artifact=out, limit=limit, device=device, progress=p),
+    step("export reload eval", lambda p: evaluate(artifact=out, progress=p, **cached),
          metrics=True)
     if json_path is not None:
         from aphq_cli.artifacts import atomic_write_text

@@ -35,10 +35,11 @@ class EvalResult:
     images: int
     seconds: float
     log: str = field(default="", repr=False)
+    reused: bool = field(default=False, repr=False)
 
     def to_json(self) -> dict:
         out = dict(self.metrics)
-        out.update({k: v for k, v in asdict(self).items() if k not in ("metrics", "log")})
+        out.update({k: v for k, v in asdict(self).items() if k not in ("metrics", "log", "reused")})
         return out
 
 
@@ -98,7 +99,7 @@ def evaluate(*, model: str = "tiny-mask-rcnn", checkpoint: Path | None = None, d
              run: Path | None = None, stage: str | None = None, artifact: Path | None = None,
              limit: int | None = None,
              device: str = "cpu", trust_checkpoint: bool = False, json_path: Path | None = None,
-             progress=None) -> EvalResult:
+             record_run: Path | None = None, reuse: bool = False, progress=None) -> EvalResult:
     """Evaluate a detector's box and mask AP on a COCO-layout split.
 
     Args:
@@ -113,10 +114,16 @@ def evaluate(*, model: str = "tiny-mask-rcnn", checkpoint: Path | None = None, d
         device: ``cpu``, ``cuda`` or ``cuda:N``.
         trust_checkpoint: allow a pickled checkpoint with arbitrary objects.
         json_path: write the metrics there as JSON (atomically).
+        record_run: also record the result in this run folder's ``eval/``
+            (a stage of ``run`` is always recorded in ``run``), where
+            ``aphq report`` finds it.
+        reuse: return the recorded result instead of evaluating again when
+            it was made from the same weights, annotations and images.
         progress: optional callable ``(done, total)``.
     """
+    from aphq_cli.artifacts import sha256_file
     from aphq_cli.devices import resolve_device
-    from aphq_cli.runs import ModelSource, load_stage, newest_stage
+    from aphq_cli.runs import ModelSource, load_stage, newest_stage, stage_path
 
     dev = resolve_device(device)
     if artifact is not None:
@@ -125,17 +132,24 @@ def evaluate(*, model: str = "tiny-mask-rcnn", checkpoint: Path | None = None, d
         recorded = header.config["data"]
         dataset = _test_split(cfg, data if data is not None else (Path(recorded) if recorded else None), limit)
         label, weights = f"{header.config['model']} [export]", str(artifact)
+        name, made_from = "export", Path(artifact)
     elif run is not None:
         stage = stage or newest_stage(run)
         detector, source, _ = load_stage(run, stage, dev, trust_checkpoint=trust_checkpoint)
         dataset = _test_split(source.cfg, data if data is not None else source.data, limit)
         label, weights = f"{source.spec.name} [{stage}]", str(source.checkpoint)
+        name, made_from, record_run = stage, stage_path(run, stage), run
     else:
         source = ModelSource.open(model, checkpoint, data, trust_checkpoint=trust_checkpoint)
         # Check the data before the (slow) model build, so a typo fails at once.
         dataset = _test_split(source.cfg, data if data is not None else source.data, limit)
         detector = source.build(dev)
         label, weights = f"{source.spec.name} [fp]", str(source.checkpoint)
+        name, made_from = "fp", source.checkpoint
+    key = {"weights": sha256_file(made_from), "annotations": sha256_file(dataset.ann_file), "images": len(dataset)}
+    record = eval_record_path(record_run, name) if record_run is not None else None
+    if reuse and record is not None and (old := read_eval_record(record)) is not None and old[1] == key:
+        return old[0]
     start = time.perf_counter()
     results = run_inference(detector, dataset, device=dev, progress=progress)
     metrics, log = coco_metrics(dataset, results)
@@ -144,7 +158,34 @@ def evaluate(*, model: str = "tiny-mask-rcnn", checkpoint: Path | None = None, d
     if json_path is not None:
         from aphq_cli.artifacts import atomic_write_text
         atomic_write_text(Path(json_path), json.dumps(result.to_json(), indent=2) + "\n")
+    if record is not None:
+        write_eval_record(record, result, key)
     return result
+
+
+def write_eval_record(path: Path, result: EvalResult, key: dict) -> Path:
+    """Record ``result`` and the key it was made from (atomically)."""
+    from aphq_cli.artifacts import atomic_write_text
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write_text(path, json.dumps(result.to_json() | {"key": key}, indent=2) + "\n")
+
+
+def eval_record_path(run: Path, name: str) -> Path:
+    """Where a run folder keeps the last evaluation of ``name`` (a stage, ``fp`` or ``export``)."""
+    return Path(run) / "eval" / f"{name}.json"
+
+
+def read_eval_record(path: Path) -> tuple[EvalResult, dict] | None:
+    """A recorded evaluation and the key (weights, annotations, images) it was made from; None if unreadable."""
+    try:
+        data = json.loads(Path(path).read_text())
+        key = data.pop("key")
+        metrics = {k: float(data.pop(k)) for k in list(data) if k.startswith(("bbox_", "segm_"))}
+        fields = {k: data[k] for k in ("model", "checkpoint", "data", "images", "seconds")}
+        return EvalResult(metrics, **fields, reused=True), key
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _test_split(cfg, data: Path | None, limit: int | None):

@@ -63,20 +63,27 @@ def export_tensors(detector) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
     return tensors, manifest
 
 
-def export(*, run: Path, out: Path, stage: str | None = None, trust_checkpoint: bool = False) -> Path:
+def export(*, run: Path, out: Path, stage: str | None = None, trust_checkpoint: bool = False,
+           force: bool = False) -> Path:
     """Write the quantized model of ``run`` (its newest quantized stage) to ``out``.
+
+    An ``out`` already exported from the same stage artifact is kept as it is
+    unless ``force``.
 
     Returns:
         ``out``.
     """
     from torch import nn
 
-    from aphq_cli.artifacts import save_artifact, sha256_file
+    from aphq_cli.artifacts import is_current, save_artifact, sha256_file
     from aphq_cli.runs import load_stage, newest_stage, stage_path
 
     stage = stage or newest_stage(run)
     if stage == "mlp-recon":
         raise AphqError(f"{run} holds no quantized stage yet; run `aphq calibrate --run {run}` before exporting")
+    inputs = {"stage_artifact": sha256_file(stage_path(run, stage))}
+    if not force and is_current(out, stage=STAGE, inputs=inputs):
+        return Path(out)
     detector, source, header = load_stage(run, stage, "cpu", trust_checkpoint=trust_checkpoint)
     tensors, manifest = export_tensors(detector)
     bits = header.config["calibrate"]
@@ -94,7 +101,7 @@ def export(*, run: Path, out: Path, stage: str | None = None, trust_checkpoint: 
         "manifest": manifest,
     }
     return save_artifact(out, tensors, stage=STAGE, config=config,
-                         inputs={"stage_artifact": sha256_file(stage_path(run, stage))},
+                         inputs=inputs,
                          extra={"model": header.extra.get("model", "")})
 
 
