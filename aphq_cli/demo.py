@@ -42,7 +42,12 @@ def run_demo(*, model: str = "tiny-mask-rcnn", run: Path = Path("runs/demo"), w_
     from stages.reconstruct import reconstruct
 
     from aphq_cli.console import stage_progress
+    from aphq_cli.runs import prepare_run
+    from stages.calibrate import CalibrateConfig
 
+    # Nonsense bit-widths or an unwritable folder fail now, not after minutes of earlier stages.
+    CalibrateConfig(w_bits=w_bits, a_bits=a_bits)
+    prepare_run(run)
     rows: list[StageRow] = []
 
     def step(label: str, fn, metrics=False):

@@ -78,13 +78,42 @@ class ModelSource:
         from aphq_cli.data.coco import fingerprint_dataset
         return {"checkpoint": sha256_file(self.checkpoint), "data": fingerprint_dataset(dataset)}
 
-    def header(self, dataset) -> dict:
-        """What an artifact records so that :func:`load_stage` can rebuild the model."""
+    @property
+    def model_id(self) -> str:
+        """How artifacts name the model: a built-in name, or the config file's absolute path."""
         from aphq_cli.models.zoo import CONFIG_DIR
         builtin = Path(self.spec.config).parent == CONFIG_DIR
-        model = self.spec.name if builtin else str(Path(self.spec.config).resolve())
-        return {"model": model, "checkpoint": str(self.checkpoint), "data": str(self.data or ""),
+        return self.spec.name if builtin else str(Path(self.spec.config).resolve())
+
+    def header(self, dataset) -> dict:
+        """What an artifact records so that :func:`load_stage` can rebuild the model."""
+        return {"model": self.model_id, "checkpoint": str(self.checkpoint), "data": str(self.data or ""),
                 "image_ids": [int(i) for i in dataset.img_ids]}
+
+    def check_run(self, run: Path) -> None:
+        """Refuse a run folder whose artifacts were made from another model, checkpoint or data.
+
+        A run folder is one pipeline: a stage built on artifacts of another
+        model or checkpoint would be wrong, and replacing them would silently
+        orphan the stages built on them. Damaged artifacts are reported too.
+        """
+        from aphq_cli.artifacts import read_header, sha256_file
+
+        mine = {"model": self.model_id, "data": str(self.data or "")}
+        checkpoint = None
+        for stage in STAGES:
+            path = stage_path(run, stage)
+            if not path.is_file():
+                continue
+            header = read_header(path)
+            for key, value in mine.items():
+                if header.config.get(key) != value:
+                    raise AphqError(f"{path} was made from {key} {header.config.get(key) or '(config default)'}, "
+                                    f"not {value or '(config default)'}; use another --run folder")
+            checkpoint = checkpoint or sha256_file(self.checkpoint)
+            if header.inputs.get("checkpoint") != checkpoint:
+                raise AphqError(f"{path} was made from another checkpoint than {self.checkpoint}; "
+                                "use another --run folder")
 
     def build(self, device, mlp_recon: Path | None = None) -> torch.nn.Module:
         """The float detector with its checkpoint loaded, on ``device``.

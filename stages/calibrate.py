@@ -86,12 +86,15 @@ def calibrate(*, model: str, run: Path, w_bits: int | None = None, a_bits: int |
     else:
         dataset = source.dataset("calib", limit=config.calib_images)
     out = stage_path(prepare_run(run), STAGE)
+    source.check_run(run)
+    if out.is_file() and not force:
+        old = read_header(out).config["calibrate"]
+        if (old["w_bits"], old["a_bits"]) != (config.w_bits, config.a_bits):
+            raise AphqError(f"{out} holds W{old['w_bits']}A{old['a_bits']}, not W{config.w_bits}A{config.a_bits}; "
+                            "use another --run folder, or --force to replace it (later stages go stale)")
     mlp = stage_path(run, "mlp-recon")
     mlp = mlp if mlp.is_file() else None
     if mlp is not None:  # post-ReLU fc2 inputs: zero point fixed at 0 (method.md §2)
-        if read_header(mlp).inputs.get("checkpoint") != sha256_file(source.checkpoint):
-            raise AphqError(f"{mlp} was made from another checkpoint than {source.checkpoint}; "
-                            "use another run folder or rerun mlp-recon")
         config = replace(config, fc2_zero=True)
     inputs = source.fingerprints(dataset) | {"options": _options_fingerprint(config)}
     if mlp is not None:

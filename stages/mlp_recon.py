@@ -196,6 +196,7 @@ def mlp_recon(*, model: str, run: Path, iters: int | None = None, images: int | 
     config = resolve_config(source.cfg, overrides, qc_values)
     dataset = source.dataset("calib", limit=config.images)
     out = stage_path(prepare_run(run), STAGE)
+    source.check_run(run)
     inputs = source.fingerprints(dataset) | {"options": sha256_json(asdict(config))}
     if not force and is_current(out, stage=STAGE, inputs=inputs):
         return out, True
