@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -326,6 +327,10 @@ def main() -> None:
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"(mmcv|mmdet)\b")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    from aphq_cli import distributed
+
+    if not distributed.is_main():
+        sys.stdout = open(os.devnull, "w")  # paths and JSON come once, from rank 0
     app(prog_name="aphq")
 
 

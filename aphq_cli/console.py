@@ -7,6 +7,7 @@ shell script.
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Callable, Iterator
 
 from rich.console import Console
@@ -15,7 +16,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
     TimeRemainingColumn
 from rich.table import Table
 
-err = Console(stderr=True)
+# Under torchrun only rank 0 talks: K progress bars on one terminal would be noise.
+err = Console(stderr=True, quiet=int(os.environ.get("RANK", "0")) > 0)
 
 
 @contextlib.contextmanager

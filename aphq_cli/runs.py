@@ -8,6 +8,7 @@ quantized detector of a stage from its artifact alone, never re-running it.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -24,7 +25,7 @@ def prepare_run(run: Path) -> Path:
     from aphq_cli.artifacts import atomic_write_bytes
 
     run = Path(run)
-    probe = atomic_write_bytes(run / ".aphq-write-check", b"")
+    probe = atomic_write_bytes(run / f".aphq-write-check-{os.getpid()}", b"")  # per process: torchrun ranks
     probe.unlink()
     return run
 

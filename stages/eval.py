@@ -60,16 +60,21 @@ def percent_metrics(mmdet_results: dict) -> dict[str, float]:
 def run_inference(detector, dataset, *, device: str, progress=None) -> list:
     """Predictions for every image, masks RLE-encoded as mmdetection's test loop does.
 
+    Under torchrun each rank predicts its share and every rank gets all
+    predictions back, in dataset order.
+
     Args:
-        progress: optional callable ``(done, total)``.
+        progress: optional callable ``(done, total)`` (this rank's share).
     """
     import torch
     from mmdet.core import encode_mask_results
 
+    from aphq_cli import distributed
     from aphq_cli.data.coco import build_loader, to_device
 
     results = []
-    loader = build_loader(dataset)
+    loader = build_loader(dataset, dist=distributed.rank_world()[1] > 1)
+    share = len(loader)
     detector.eval()
     with torch.no_grad():
         for i, batch in enumerate(loader):
@@ -79,8 +84,8 @@ def run_inference(detector, dataset, *, device: str, progress=None) -> list:
                     item = (item[0], encode_mask_results(item[1]))
                 results.append(item)
             if progress is not None:
-                progress(i + 1, len(dataset))
-    return results
+                progress(i + 1, share)
+    return distributed.gather_in_order(results, len(dataset))
 
 
 def coco_metrics(dataset, results: list) -> tuple[dict[str, float], str]:
@@ -121,11 +126,12 @@ def evaluate(*, model: str = "tiny-mask-rcnn", checkpoint: Path | None = None, d
             it was made from the same weights, annotations and images.
         progress: optional callable ``(done, total)``.
     """
+    from aphq_cli import distributed
     from aphq_cli.artifacts import sha256_file
     from aphq_cli.devices import resolve_device
     from aphq_cli.runs import ModelSource, load_stage, newest_stage, stage_path
 
-    dev = resolve_device(device)
+    dev = resolve_device(distributed.init(device))
     if artifact is not None:
         from stages.export import load_export
         detector, cfg, header = load_export(artifact, dev)
@@ -152,9 +158,12 @@ def evaluate(*, model: str = "tiny-mask-rcnn", checkpoint: Path | None = None, d
         return old[0]
     start = time.perf_counter()
     results = run_inference(detector, dataset, device=dev, progress=progress)
-    metrics, log = coco_metrics(dataset, results)
+    # One rank scores the gathered predictions; the others get its numbers.
+    metrics, log = distributed.broadcast(coco_metrics(dataset, results) if distributed.is_main() else None)
     result = EvalResult(metrics, label, weights, str(Path(dataset.ann_file).parent.parent), len(dataset),
                         round(time.perf_counter() - start, 2), log)
+    if not distributed.is_main():
+        return result
     if json_path is not None:
         from aphq_cli.artifacts import atomic_write_text
         atomic_write_text(Path(json_path), json.dumps(result.to_json(), indent=2) + "\n")

@@ -183,6 +183,7 @@ def mlp_recon(*, model: str, run: Path, iters: int | None = None, images: int | 
     Returns:
         ``(artifact path, cache hit)``.
     """
+    from aphq_cli import distributed
     from aphq_cli.artifacts import is_current, load_artifact, save_artifact, sha256_json
     from aphq_cli.quant.aph import ensure_block_aph
     from aphq_cli.runs import ModelSource, aph_cache, prepare_run, stage_path
@@ -202,6 +203,7 @@ def mlp_recon(*, model: str, run: Path, iters: int | None = None, images: int | 
         return out, True
 
     report = progress or (lambda *a: None)
+    device = distributed.init(device)
     detector = source.build(device)
     blocks = swin_blocks(detector)
     images = source.images(dataset, device)
@@ -210,18 +212,23 @@ def mlp_recon(*, model: str, run: Path, iters: int | None = None, images: int | 
     aph = aph_cache(source, dataset, config.delta)
     header = source.header(dataset) | {"mlp_recon": asdict(config), "quant_config": qc_label}
 
-    if force or not all(io_cache.complete(n, len(images)) for n, _ in blocks):
+    # Under torchrun: rank 0 alone caches the MLP inputs (one float forward per image for all
+    # blocks) and trains; every rank computes its share of the APH estimates.
+    main = distributed.is_main()
+    if main and (force or not all(io_cache.complete(n, len(images)) for n, _ in blocks)):
         ubs = collect_mlp_io(detector, blocks, images, io_cache, config.pct,
                              lambda d, t: report("collect float MLP inputs", d, t))
         save_artifact(Path(run) / "mlp_recon" / "ub.safetensors",
                       {f"{n}.ub": torch.tensor(v) for n, v in ubs.items()},
                       stage="mlp-recon-ub", config=header, inputs=inputs)
-    ubs = {k[: -len(".ub")]: float(v) for k, v in
-           load_artifact(Path(run) / "mlp_recon" / "ub.safetensors", stage="mlp-recon-ub",
-                         expect_inputs=inputs)[0].items()}
     for name, block in blocks:  # APH needs the untouched float model: all blocks first
         ensure_block_aph(detector, name, block, images, aph, config.delta,
                          lambda d, t, name=name: report(f"APH {name}", d, t))
+    if not main:
+        return out, False
+    ubs = {k[: -len(".ub")]: float(v) for k, v in
+           load_artifact(Path(run) / "mlp_recon" / "ub.safetensors", stage="mlp-recon-ub",
+                         expect_inputs=inputs)[0].items()}
 
     result: dict[str, torch.Tensor] = {}
     for index, (name, block) in enumerate(blocks):

@@ -197,15 +197,21 @@ def reconstruct_unit(unit: nn.Module, caches: "UnitCaches", k: int, weights, con
 
 
 def _fill(cache, entry: str, count: int, fn, progress=None) -> None:
-    """``cache[entry][i] = fn(i)`` for every image, unless already complete."""
+    """``cache[entry][i] = fn(i)`` for every image, unless already complete (each rank: its share)."""
+    from aphq_cli import distributed
+
     if cache.complete(entry, count):
         return
+    mine = distributed.my_indices(count)
     with torch.no_grad():
-        for i in range(count):
+        for done, i in enumerate(mine, 1):
             cache.put(entry, i, _pack(fn(i)))
             if progress is not None:
-                progress(i + 1, count)
-    cache.finish(entry, count)
+                progress(done, len(mine))
+    distributed.barrier()
+    if distributed.is_main():
+        cache.finish(entry, count)
+    distributed.barrier()
 
 
 def _get(cache, entry: str, i: int, device):
@@ -268,12 +274,9 @@ def _loss_weights(loss: str, k: int, name: str, unit_q, detector, fp, caches: Un
         return lambda i: aph.get(name, i, caches.device)["aph"]
     if loss == "fisher":
         entry = f"fisher/{k}"
-        if not caches.cache.complete(entry, caches.count):
-            for i in range(caches.count):
-                caches.cache.put(entry, i, {"w": block_fisher(detector, fp, unit_q, caches.imgs[i])})
-                report(f"Fisher {name}", i + 1, caches.count)
-            caches.cache.finish(entry, caches.count)
-        return lambda i: caches.cache.get(entry, i, caches.device)["w"]
+        _fill(caches.cache, entry, caches.count, lambda i: block_fisher(detector, fp, unit_q, caches.imgs[i]),
+              lambda d, t: report(f"Fisher {name}", d, t))
+        return lambda i: _get(caches.cache, entry, i, caches.device)
     raise AphqError(f"unknown loss {loss!r}")
 
 
@@ -290,6 +293,7 @@ def reconstruct(*, run: Path, loss: str | None = None, iters: int | None = None,
         ``(artifact path, cache hit)``.
     """
     from aphq_cli.artifacts import is_current, load_artifact, save_artifact, sha256_file, sha256_json
+    from aphq_cli import distributed
     from aphq_cli.devices import resolve_device
     from aphq_cli.runs import aph_cache, load_stage, prepare_run, stage_path
     from aphq_cli.tensorcache import TensorCache
@@ -301,7 +305,7 @@ def reconstruct(*, run: Path, loss: str | None = None, iters: int | None = None,
     calib_path = stage_path(run, "calibrate")
     if not calib_path.is_file():
         raise AphqError(f"{calib_path} does not exist; run `aphq calibrate --run {run}` first")
-    dev = resolve_device(device)
+    dev = resolve_device(distributed.init(device))
     detector, source, calib = load_stage(run, "calibrate", dev, trust_checkpoint=trust_checkpoint)
     config = resolve_config(source.cfg, overrides, qc_values)
     dataset = source.dataset("calib", limit=config.images)
@@ -315,8 +319,10 @@ def reconstruct(*, run: Path, loss: str | None = None, iters: int | None = None,
     fp = source.build(dev, mlp_recon=Path(mlp) if mlp else None)
     before = {k: v.clone() for k, v in fp.state_dict().items()}
     cache = TensorCache(Path(run) / "reconstruct" / "cache")
-    if force:
+    main = distributed.is_main()
+    if force and main:
         cache.drop("")
+    distributed.barrier()
     caches = UnitCaches(cache, source.images(dataset, dev), dev)
     aph = aph_cache(source, dataset, config.delta, extra=calib.inputs.get("mlp_recon", ""))
     # The calibrate settings (bit-widths) carry over; images are reconstruct's own.
@@ -327,18 +333,27 @@ def reconstruct(*, run: Path, loss: str | None = None, iters: int | None = None,
     for k, (name, unit) in enumerate(units):
         caches.prepare(k, name, unit, fp.get_submodule(name), detector, fp, units[k - 1][1] if k else None, report)
         path = blocks / f"{k:02d}_{name.replace('.', '_')}.safetensors"
-        if not force and is_current(path, stage="reconstruct-unit", inputs=inputs):
-            _load_unit(unit, name, load_artifact(path, stage="reconstruct-unit", expect_inputs=inputs)[0])
-        else:
+        # Rank 0 decides, so every rank takes the same branch (and meets the same barriers).
+        finished = distributed.broadcast(not force and is_current(path, stage="reconstruct-unit", inputs=inputs))
+        if not finished:
             weights = _loss_weights(config.loss, k, name, unit, detector, fp, caches, aph, config.delta, report)
-            label = f"unit {k + 1}/{len(units)} {name}"
-            losses = reconstruct_unit(unit, caches, k, weights, config, config.seed * 1000 + k,
-                                      lambda s, t, value: report(label, s, t))
-            save_artifact(path, {f"{name}.{key}": v.detach().clone() for key, v in unit.state_dict().items()},
-                          stage="reconstruct-unit", config=header | {"unit": name, "losses": losses,
-                                                                       "total_blocks": len(units)}, inputs=inputs)
-        if k > 0:
+            if main:  # the optimization itself runs on one rank; the others wait for its result
+                label = f"unit {k + 1}/{len(units)} {name}"
+                losses = reconstruct_unit(unit, caches, k, weights, config, config.seed * 1000 + k,
+                                          lambda s, t, value: report(label, s, t))
+                save_artifact(path, {f"{name}.{key}": v.detach().clone() for key, v in unit.state_dict().items()},
+                              stage="reconstruct-unit", config=header | {"unit": name, "losses": losses,
+                                                                           "total_blocks": len(units)},
+                              inputs=inputs)
+            distributed.barrier()
+        if finished or not main:
+            _load_unit(unit, name, load_artifact(path, stage="reconstruct-unit", expect_inputs=inputs)[0])
+        distributed.barrier()  # nobody still reads what release() deletes
+        if k > 0 and main:
             caches.release(k - 1)
+    distributed.barrier()
+    if not main:
+        return out, False
     cache.drop("")
     if mlp:
         inputs = inputs | {"mlp_recon": calib.inputs["mlp_recon"]}

@@ -112,11 +112,16 @@ def fingerprint_dataset(dataset) -> str:
     return h.hexdigest()
 
 
-def build_loader(dataset, workers: int = 0):
-    """A deterministic, unshuffled loader of one image per batch."""
+def build_loader(dataset, workers: int = 0, dist: bool = False):
+    """A deterministic, unshuffled loader of one image per batch.
+
+    Args:
+        dist: this rank's share only (mmdetection's DistributedSampler: rank r
+            gets images r, r+K, ..., padded with the first images to equal shares).
+    """
     from mmdet.datasets import build_dataloader
 
-    return build_dataloader(dataset, samples_per_gpu=1, workers_per_gpu=workers, dist=False,
+    return build_dataloader(dataset, samples_per_gpu=1, workers_per_gpu=workers, dist=dist,
                             shuffle=False, persistent_workers=False)
 
 

@@ -140,19 +140,28 @@ def ensure_block_aph(detector: nn.Module, name: str, block: nn.Module, images: S
                      cache, delta: float = DELTA, progress=None) -> None:
     """Compute and cache the APH weight of ``block`` for every image, unless cached already.
 
+    Under torchrun every rank computes its share of the images into the
+    shared cache folder; rank 0 marks the entry complete once all are there.
+
     Args:
         images: model inputs ``(1, 3, H, W)`` in dataset order.
         cache: a :class:`~aphq_cli.tensorcache.TensorCache`; entry ``name``
             holds one ``aph`` tensor per image.
         progress: optional callable ``(done, total)`` over images.
     """
+    from aphq_cli import distributed
+
     if cache.complete(name, len(images)):
         return
-    for i, img in enumerate(images):
-        cache.put(name, i, {"aph": block_aph(detector, block, img, delta)})
+    mine = distributed.my_indices(len(images))
+    for done, i in enumerate(mine, 1):
+        cache.put(name, i, {"aph": block_aph(detector, block, images[i], delta)})
         if progress is not None:
-            progress(i + 1, len(images))
-    cache.finish(name, len(images))
+            progress(done, len(mine))
+    distributed.barrier()
+    if distributed.is_main():
+        cache.finish(name, len(images))
+    distributed.barrier()
 
 
 def block_fisher(detector: nn.Module, fp: nn.Module, block: nn.Module, img: torch.Tensor) -> torch.Tensor:

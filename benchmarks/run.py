@@ -1,0 +1,301 @@
+"""Accuracy and cost of every stage on the testbed (or a real model); writes docs/results.md and a PNG.
+
+    .venv/bin/python benchmarks/run.py                      # both testbed models, the full grid
+    .venv/bin/python benchmarks/run.py --models tiny-mask-rcnn --bits 4 --methods calib aph --limit 50
+    .venv/bin/python benchmarks/run.py --models mask-rcnn-swin-t --checkpoint ckpt.pth --data /data/coco \\
+        --device cuda --out docs/results-swin-t.md
+
+Every stage runs as its own ``python -m aphq_cli`` process, exactly as a user
+chains them, so the wall time and peak resident memory of each (``os.wait4``)
+are the stage's own. Methods, per bit-width:
+
+* ``calib``: calibration alone;
+* ``mse``, ``fisher``, ``aph``: calibration, then block reconstruction with that loss;
+* ``mlp+aph``: mlp-recon, calibration on the ReLU model, aph reconstruction.
+
+Reconstruction methods run once per ``--seeds`` value (the reconstruct seed,
+set through a ``--quant-config`` file); the table shows mean and spread.
+``--scaling`` adds reconstruct runs at several image and iteration counts.
+The output names the machine; no number in docs/results.md comes from anywhere
+else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("calib", "mse", "fisher", "aph", "mlp+aph")
+TESTBED = ("tiny-mask-rcnn", "tiny-cascade-mask-rcnn")
+
+
+@dataclass
+class Step:
+    """One stage process: what ran, how long, how much memory, what it wrote."""
+
+    model: str
+    label: str
+    argv: list[str]
+    seconds: float
+    peak_rss_mib: float
+    metrics: dict[str, float] = field(default_factory=dict)
+    artifact_mib: float | None = None
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.steps: list[Step] = []
+
+    def aphq(self, model: str, label: str, *argv: str, json_out: Path | None = None,
+             artifact: Path | None = None) -> Step:
+        """Run one ``aphq`` command; record time, peak RSS, metrics (eval) and artifact size."""
+        command = [sys.executable, "-m", "aphq_cli", *argv]
+        if json_out is not None:
+            command += ["--json", str(json_out)]
+        print("$ aphq " + " ".join(argv), file=sys.stderr, flush=True)
+        log = self.args.runs / ".step.log"
+        start = time.perf_counter()
+        with open(log, "w") as sink:
+            child = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=sink)
+            # wait4 gives this child's own rusage: ru_maxrss is its peak resident set (KiB on Linux).
+            _, status, usage = os.wait4(child.pid, 0)
+        seconds = time.perf_counter() - start
+        child.returncode = os.waitstatus_to_exitcode(status)
+        rss = round(usage.ru_maxrss / 1024, 1)
+        err = log.read_text()
+        if child.returncode != 0:
+            raise SystemExit(f"benchmark step failed ({child.returncode}): aphq {' '.join(argv)}\n{err[-2000:]}")
+        metrics = json.loads(Path(json_out).read_text()) if json_out is not None else {}
+        metrics = {k: v for k, v in metrics.items() if k.startswith(("bbox_", "segm_"))}
+        size = artifact.stat().st_size / 2**20 if artifact is not None and artifact.is_file() else None
+        step = Step(model, label, argv, round(seconds, 1), rss, metrics, None if size is None else round(size, 2))
+        self.steps.append(step)
+        return step
+
+def machine(device: str) -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    gpu = ""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        gpu = f", GPU {torch.cuda.get_device_name(0)}"
+    return (f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python "
+            f"{platform.python_version()}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+            f"device {device}{gpu}")
+
+
+def model_args(args: argparse.Namespace) -> list[str]:
+    out = []
+    if args.checkpoint is not None:
+        out += ["--checkpoint", str(args.checkpoint)]
+    if args.data is not None:
+        out += ["--data", str(args.data)]
+    return out
+
+
+def seed_config(folder: Path, seed: int, extra: dict) -> Path:
+    """A --quant-config file setting the reconstruct seed (and any benchmark overrides)."""
+    lines = ["[reconstruct]", f"seed = {seed}"] + [f"{k} = {v}" for k, v in extra.items()]
+    path = folder / f"seed{seed}.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def bench_model(b: Bench, model: str) -> None:
+    args = b.args
+    base = args.runs / model
+    if base.exists():
+        shutil.rmtree(base)  # a benchmark measures from scratch
+    base.mkdir(parents=True)
+    margs, dev = model_args(args), ["--device", args.device]
+    lim = ["--limit", str(args.limit)] if args.limit else []
+    b.aphq(model, "FP", "eval", "--model", model, *margs, *dev, *lim, json_out=base / "fp.json")
+    recon_opts = []
+    if args.recon_iters:
+        recon_opts += ["--iters", str(args.recon_iters)]
+    if args.recon_images:
+        recon_opts += ["--images", str(args.recon_images)]
+
+    mlp_run = base / "mlp"
+    needs_mlp = "mlp+aph" in args.methods or args.mlp_eval
+    if needs_mlp:
+        b.aphq(model, "mlp-recon", "mlp-recon", "--model", model, "--run", str(mlp_run), *margs, *dev,
+               artifact=mlp_run / "mlp_recon.safetensors")
+        b.aphq(model, "FP after mlp-recon", "eval", "--run", str(mlp_run), "--stage", "mlp-recon", *dev, *lim,
+               json_out=base / "mlp.json")
+    for bits in args.bits:
+        tag = f"W{bits}A{bits}"
+        calib_run = base / f"w{bits}a{bits}"
+        b.aphq(model, f"{tag} calibrate (stage)", "calibrate", "--model", model, "--run", str(calib_run),
+               "--w-bits", str(bits), "--a-bits", str(bits), *margs, *dev,
+               artifact=calib_run / "calibrate.safetensors")
+        if "calib" in args.methods:
+            b.aphq(model, f"{tag} calib", "eval", "--run", str(calib_run), *dev, *lim,
+                   json_out=calib_run / "eval.json")
+        for method in [m for m in args.methods if m != "calib"]:
+            loss = method.split("+")[-1]
+            for seed in args.seeds:
+                run = base / f"w{bits}a{bits}-{method.replace('+', '-')}-s{seed}"
+                if method == "mlp+aph":
+                    run.mkdir()
+                    shutil.copy(mlp_run / "mlp_recon.safetensors", run / "mlp_recon.safetensors")
+                    b.aphq(model, f"{tag} calibrate after mlp-recon (stage)", "calibrate", "--model", model,
+                           "--run", str(run), "--w-bits", str(bits), "--a-bits", str(bits), *margs, *dev)
+                else:
+                    shutil.copytree(calib_run, run, ignore=shutil.ignore_patterns("eval", "eval.json"))
+                qc = seed_config(run, seed, {})
+                b.aphq(model, f"{tag} reconstruct {loss} (stage)", "reconstruct", "--run", str(run), "--loss", loss,
+                       "--quant-config", str(qc), *recon_opts, *dev, artifact=run / "reconstruct.safetensors")
+                b.aphq(model, f"{tag} {method}", "eval", "--run", str(run), *dev, *lim, json_out=run / "eval.json")
+    if args.export:
+        bits = args.bits[0]
+        method = next((m for m in ("aph", "mlp+aph", "mse", "fisher") if m in args.methods), None)
+        run = base / (f"w{bits}a{bits}-{method.replace('+', '-')}-s{args.seeds[0]}" if method else f"w{bits}a{bits}")
+        out = base / "export.safetensors"
+        b.aphq(model, f"W{bits}A{bits} export (stage)", "export", "--run", str(run), "--out", str(out), artifact=out)
+        b.aphq(model, f"W{bits}A{bits} export reloaded", "eval", "--artifact", str(out), *dev, *lim,
+               json_out=base / "export.json")
+    if args.scaling:
+        bits = args.bits[0]
+        calib_run = base / f"w{bits}a{bits}"
+        for images, iters in args.scaling_points:
+            run = base / f"scale-i{images}-n{iters}"
+            shutil.copytree(calib_run, run, ignore=shutil.ignore_patterns("eval", "eval.json"))
+            b.aphq(model, f"scaling: reconstruct aph, {images} images x {iters} iters", "reconstruct", "--run",
+                   str(run), "--loss", "aph", "--images", str(images), "--iters", str(iters), *dev,
+                   artifact=run / "reconstruct.safetensors")
+
+
+def summarize(steps: list[Step]) -> dict:
+    """Mean and spread (population stdev) over seeds of each (model, label) with metrics."""
+    groups: dict[tuple[str, str], list[Step]] = {}
+    for s in steps:
+        if s.metrics:
+            groups.setdefault((s.model, s.label), []).append(s)
+    out = {}
+    for (model, label), group in groups.items():
+        row = {"n": len(group)}
+        for key in ("bbox_AP", "segm_AP"):
+            values = [g.metrics[key] for g in group]
+            row[key] = round(statistics.fmean(values), 2)
+            row[key + "_spread"] = round(statistics.pstdev(values), 2) if len(values) > 1 else 0.0
+        row["eval_seconds"] = round(statistics.fmean(g.seconds for g in group), 1)
+        out.setdefault(model, {})[label] = row
+    return out
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(summary), figsize=(7 * len(summary), 4.5), squeeze=False)
+    for ax, (model, rows) in zip(axes[0], summary.items()):
+        labels = list(rows)
+        x = range(len(labels))
+        box = [rows[k]["bbox_AP"] for k in labels]
+        mask = [rows[k]["segm_AP"] for k in labels]
+        ax.bar([i - 0.2 for i in x], box, 0.4, yerr=[rows[k]["bbox_AP_spread"] for k in labels], label="box AP")
+        ax.bar([i + 0.2 for i in x], mask, 0.4, yerr=[rows[k]["segm_AP_spread"] for k in labels], label="mask AP")
+        ax.set_xticks(list(x), labels, rotation=45, ha="right", fontsize=8)
+        ax.set_title(model)
+        ax.set_ylabel("AP (%)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_markdown(args, steps: list[Step], summary: dict, started: str, total: float) -> str:
+    images = f"the first {args.limit}" if args.limit else "all"
+    lines = [
+        "# Results: accuracy and cost per stage",
+        "",
+        "Written by `benchmarks/run.py`; every number here comes from that script:",
+        "",
+        "    " + " ".join(["python", "benchmarks/run.py", *sys.argv[1:]]),
+        "",
+        f"Machine: {machine(args.device)}. Started {started}, took {total / 60:.1f} min.",
+        f"Evaluation on {images} val images. Reconstruct seeds: {', '.join(map(str, args.seeds))}"
+        + (" (mean ± population spread)." if len(args.seeds) > 1 else " (one seed: no spread measured)."),
+        "",
+        "## Accuracy (COCO AP, %)",
+        "",
+    ]
+    for model, rows in summary.items():
+        lines += [f"### {model}", "", "| setting | box AP | mask AP | runs | eval s |", "|---|---:|---:|---:|---:|"]
+        for label, r in rows.items():
+            pm = (lambda k: f"{r[k]:.1f} ± {r[k + '_spread']:.1f}") if r["n"] > 1 else (lambda k: f"{r[k]:.1f}")
+            lines.append(f"| {label} | {pm('bbox_AP')} | {pm('segm_AP')} | {r['n']} | {r['eval_seconds']} |")
+        lines.append("")
+    lines += ["## Cost per stage process", "",
+              "Wall time and peak resident memory of each `aphq` process (stage or eval); artifact size on disk.",
+              "", "| model | step | wall s | peak RSS MiB | artifact MiB |", "|---|---|---:|---:|---:|"]
+    for s in steps:
+        size = "" if s.artifact_mib is None else f"{s.artifact_mib:.2f}"
+        lines.append(f"| {s.model} | {s.label} | {s.seconds} | {s.peak_rss_mib} | {size} |")
+    lines += ["", "![results](results.png)", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=list(TESTBED))
+    ap.add_argument("--bits", nargs="+", type=int, default=[4, 3, 6], help="W=A bit-widths")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0])
+    ap.add_argument("--limit", type=int, default=None, help="evaluate the first N val images")
+    ap.add_argument("--recon-iters", type=int, default=None, help="reconstruct --iters (default: the model's)")
+    ap.add_argument("--recon-images", type=int, default=None, help="reconstruct --images (default: the model's)")
+    ap.add_argument("--mlp-eval", action="store_true", help="measure FP after mlp-recon even without mlp+aph")
+    ap.add_argument("--export", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--scaling", action="store_true", help="reconstruct time/memory at several sizes")
+    ap.add_argument("--scaling-points", nargs="+", default=["4x50", "8x50", "16x50", "8x25", "8x100"],
+                    help="IMAGESxITERS points for --scaling")
+    ap.add_argument("--checkpoint", type=Path, default=None)
+    ap.add_argument("--data", type=Path, default=None)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--runs", type=Path, default=Path("runs/bench"))
+    ap.add_argument("--out", type=Path, default=Path("docs/results.md"))
+    args = ap.parse_args(argv)
+    args.scaling_points = [tuple(int(v) for v in p.split("x")) for p in args.scaling_points]
+    args.runs = args.runs.resolve()
+    args.runs.mkdir(parents=True, exist_ok=True)
+
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    t0 = time.perf_counter()
+    bench = Bench(args)
+    for model in args.models:
+        bench_model(bench, model)
+    summary = summarize(bench.steps)
+    total = time.perf_counter() - t0
+
+    from aphq_cli.artifacts import atomic_write_text
+
+    out = args.out
+    png = out.with_suffix(".png")
+    plot(summary, png)
+    text = write_markdown(args, bench.steps, summary, started, total).replace("results.png", png.name)
+    atomic_write_text(out, text)
+    atomic_write_text(out.with_suffix(".json"), json.dumps(
+        {"argv": sys.argv[1:], "machine": machine(args.device), "started": started, "seconds": round(total, 1),
+         "summary": summary, "steps": [asdict(s) for s in bench.steps]}, indent=2) + "\n")
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
