@@ -7,6 +7,11 @@
 # --data is a COCO 2017 folder (annotations/instances_{train,val}2017.json,
 # train2017/, val2017/). Every stage is cached in the run folder and resumable:
 # rerun the script after an interruption and it continues where it stopped.
+# Settings come from the published 4-bit preset (--quant-config 4bit, method.md §8).
+#
+# Several GPUs: APHQ="torchrun --standalone --nproc_per_node 4 -m aphq_cli" docs/run_w4a4.sh ...
+# (evaluation, APH estimates and reconstruction caches then run data-parallel;
+# docs/distributed.md). Run folders are passed with -r, which torchrun leaves alone.
 set -euo pipefail
 model=mask-rcnn-swin-t; checkpoint=; data=; run=; device=cuda
 while [ $# -gt 0 ]; do
@@ -21,14 +26,16 @@ while [ $# -gt 0 ]; do
 done
 [ -n "$checkpoint" ] && [ -n "$data" ] || { echo "usage: $0 --checkpoint PATH --data DIR [--model NAME] [--run DIR] [--device cuda]" >&2; exit 2; }
 run=${run:-runs/$model-w4a4}
-aphq=${APHQ:-aphq}
+read -r -a aphq <<< "${APHQ:-aphq}"
 common=(--model "$model" --checkpoint "$checkpoint" --data "$data" --device "$device")
+mkdir -p "$run"
 
-"$aphq" eval "${common[@]}" --json "$run/fp.json"
-"$aphq" mlp-recon "${common[@]}" --run "$run"                 # 256 images x 20000 iterations per block
-"$aphq" eval --run "$run" --stage mlp-recon --device "$device" --json "$run/mlp_recon.json"
-"$aphq" calibrate "${common[@]}" --run "$run" --w-bits 4 --a-bits 4   # 1 calibration image, as published
-"$aphq" reconstruct --run "$run" --loss aph --device "$device"         # 256 images x 20000 iterations per unit
-"$aphq" eval --run "$run" --device "$device" --json "$run/w4a4.json"
-"$aphq" export --run "$run" --out "$run/w4a4-export.safetensors"
-"$aphq" eval --artifact "$run/w4a4-export.safetensors" --device "$device" --json "$run/export.json"
+"${aphq[@]}" eval "${common[@]}" --json "$run/fp.json"
+"${aphq[@]}" mlp-recon "${common[@]}" -r "$run" -q 4bit          # 256 images x 20000 iterations per block
+"${aphq[@]}" eval -r "$run" --stage mlp-recon --device "$device" --json "$run/mlp_recon.json"
+"${aphq[@]}" calibrate "${common[@]}" -r "$run" -q 4bit         # W4/A4, 1 calibration image, as published
+"${aphq[@]}" reconstruct -r "$run" -q 4bit --device "$device"   # aph, 256 images x 20000 iterations per unit
+"${aphq[@]}" eval -r "$run" --device "$device" --json "$run/w4a4.json"
+"${aphq[@]}" export -r "$run" --out "$run/w4a4-export.safetensors"
+"${aphq[@]}" eval --artifact "$run/w4a4-export.safetensors" --device "$device" --json "$run/export.json"
+"${aphq[@]}" report -r "$run"
