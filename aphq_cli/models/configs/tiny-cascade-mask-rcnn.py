@@ -13,7 +13,7 @@ def _stage(stds):
         conv_out_channels=64,
         fc_out_channels=256,
         roi_feat_size=7,
-        num_classes=8,
+        num_classes=7,
         bbox_coder=dict(type='DeltaXYWHBBoxCoder', target_means=[0., 0., 0., 0.], target_stds=stds),
         reg_class_agnostic=False,
         reg_decoded_bbox=True,
@@ -31,4 +31,4 @@ model = dict(
         bbox_head=[_stage([0.1, 0.1, 0.2, 0.2]), _stage([0.05, 0.05, 0.1, 0.1]),
                    _stage([0.033, 0.033, 0.067, 0.067])],
         mask_roi_extractor=dict(out_channels=64),
-        mask_head=dict(in_channels=64, conv_out_channels=64, num_classes=8)))
+        mask_head=dict(in_channels=64, conv_out_channels=64, num_classes=7)))

@@ -9,6 +9,6 @@ model = dict(
     rpn_head=dict(in_channels=64, feat_channels=64, anchor_generator=dict(scales=[4])),
     roi_head=dict(
         bbox_roi_extractor=dict(out_channels=64),
-        bbox_head=dict(in_channels=64, fc_out_channels=256, num_classes=8),
+        bbox_head=dict(in_channels=64, fc_out_channels=256, num_classes=7),
         mask_roi_extractor=dict(out_channels=64),
-        mask_head=dict(in_channels=64, conv_out_channels=64, num_classes=8)))
+        mask_head=dict(in_channels=64, conv_out_channels=64, num_classes=7)))

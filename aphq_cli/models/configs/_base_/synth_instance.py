@@ -2,7 +2,7 @@
 # image folders. Images are evaluated at their own size (224-320 px).
 dataset_type = 'CocoDataset'
 data_root = 'data/synth/'  # replaced by the generated cache folder or --data
-classes = ('square', 'rectangle', 'circle', 'ellipse', 'ring', 'triangle', 'star', 'hexagon')
+classes = ('square', 'rectangle', 'circle', 'ellipse', 'ring', 'triangle', 'star')
 img_norm_cfg = dict(mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375], to_rgb=True)
 train_pipeline = [
     dict(type='LoadImageFromFile'),
