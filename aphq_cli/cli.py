@@ -219,7 +219,9 @@ def demo_cmd(
     run: Path = typer.Option(Path("runs/demo"), "--run", "-r", help="Run folder for the stage artifacts."),
     w_bits: int = typer.Option(4, "--w-bits"),
     a_bits: int = typer.Option(4, "--a-bits"),
-    limit: Optional[int] = typer.Option(None, "--limit", "-n", help="Evaluate on the first N val images only."),
+    limit: int = typer.Option(100, "--limit", "-n",
+                              help="Evaluate on the first N val images (default 100 of 200: five evaluations "
+                                   "of all 200 would take most of the demo's time on two cores)."),
     device: str = DeviceOpt,
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the table as JSON."),
 ) -> None:
