@@ -56,6 +56,7 @@ class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.steps: list[Step] = []
+        self.checkpoints: dict[str, float] = {}  # model -> float checkpoint size, MiB
 
     def aphq(self, model: str, label: str, *argv: str, json_out: Path | None = None,
              artifact: Path | None = None) -> Step:
@@ -120,6 +121,10 @@ def bench_model(b: Bench, model: str) -> None:
         shutil.rmtree(base)  # a benchmark measures from scratch
     base.mkdir(parents=True)
     margs, dev = model_args(args), ["--device", args.device]
+    from aphq_cli.models.zoo import builtin_models
+
+    ckpt = args.checkpoint or builtin_models()[model].weights
+    b.checkpoints[model] = round(Path(ckpt).stat().st_size / 2**20, 2)
     lim = ["--limit", str(args.limit)] if args.limit else []
     b.aphq(model, "FP", "eval", "--model", model, *margs, *dev, *lim, json_out=base / "fp.json")
     recon_opts = []
@@ -129,22 +134,24 @@ def bench_model(b: Bench, model: str) -> None:
         recon_opts += ["--images", str(args.recon_images)]
 
     mlp_run = base / "mlp"
-    needs_mlp = "mlp+aph" in args.methods or args.mlp_eval
+    grid = args.grid or [(bits, list(args.methods)) for bits in args.bits]
+    all_methods = {m for _, methods in grid for m in methods}
+    needs_mlp = "mlp+aph" in all_methods or args.mlp_eval
     if needs_mlp:
         b.aphq(model, "mlp-recon", "mlp-recon", "--model", model, "--run", str(mlp_run), *margs, *dev,
                artifact=mlp_run / "mlp_recon.safetensors")
         b.aphq(model, "FP after mlp-recon", "eval", "--run", str(mlp_run), "--stage", "mlp-recon", *dev, *lim,
                json_out=base / "mlp.json")
-    for bits in args.bits:
+    for bits, methods in grid:
         tag = f"W{bits}A{bits}"
         calib_run = base / f"w{bits}a{bits}"
         b.aphq(model, f"{tag} calibrate (stage)", "calibrate", "--model", model, "--run", str(calib_run),
                "--w-bits", str(bits), "--a-bits", str(bits), *margs, *dev,
                artifact=calib_run / "calibrate.safetensors")
-        if "calib" in args.methods:
+        if "calib" in methods:
             b.aphq(model, f"{tag} calib", "eval", "--run", str(calib_run), *dev, *lim,
                    json_out=calib_run / "eval.json")
-        for method in [m for m in args.methods if m != "calib"]:
+        for method in [m for m in methods if m != "calib"]:
             loss = method.split("+")[-1]
             for seed in args.seeds:
                 run = base / f"w{bits}a{bits}-{method.replace('+', '-')}-s{seed}"
@@ -160,15 +167,15 @@ def bench_model(b: Bench, model: str) -> None:
                        "--quant-config", str(qc), *recon_opts, *dev, artifact=run / "reconstruct.safetensors")
                 b.aphq(model, f"{tag} {method}", "eval", "--run", str(run), *dev, *lim, json_out=run / "eval.json")
     if args.export:
-        bits = args.bits[0]
-        method = next((m for m in ("aph", "mlp+aph", "mse", "fisher") if m in args.methods), None)
+        bits, methods = grid[0]
+        method = next((m for m in ("aph", "mlp+aph", "mse", "fisher") if m in methods), None)
         run = base / (f"w{bits}a{bits}-{method.replace('+', '-')}-s{args.seeds[0]}" if method else f"w{bits}a{bits}")
         out = base / "export.safetensors"
         b.aphq(model, f"W{bits}A{bits} export (stage)", "export", "--run", str(run), "--out", str(out), artifact=out)
         b.aphq(model, f"W{bits}A{bits} export reloaded", "eval", "--artifact", str(out), *dev, *lim,
                json_out=base / "export.json")
     if args.scaling:
-        bits = args.bits[0]
+        bits = grid[0][0]
         calib_run = base / f"w{bits}a{bits}"
         for images, iters in args.scaling_points:
             run = base / f"scale-i{images}-n{iters}"
@@ -219,18 +226,19 @@ def plot(summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_markdown(args, steps: list[Step], summary: dict, started: str, total: float) -> str:
-    images = f"the first {args.limit}" if args.limit else "all"
+def write_markdown(args, steps: list[Step], summary: dict, commands: list[dict], checkpoints: dict) -> str:
     lines = [
         "# Results: accuracy and cost per stage",
         "",
-        "Written by `benchmarks/run.py`; every number here comes from that script:",
+        "Written by `benchmarks/run.py`; every number here comes from these runs of it:",
         "",
-        "    " + " ".join(["python", "benchmarks/run.py", *sys.argv[1:]]),
+        *[f"- `python benchmarks/run.py {' '.join(c['argv'])}`: {c['machine']}; started {c['started']}, "
+          f"took {c['seconds'] / 60:.1f} min." for c in commands],
         "",
-        f"Machine: {machine(args.device)}. Started {started}, took {total / 60:.1f} min.",
-        f"Evaluation on {images} val images. Reconstruct seeds: {', '.join(map(str, args.seeds))}"
-        + (" (mean ± population spread)." if len(args.seeds) > 1 else " (one seed: no spread measured)."),
+        "Evaluation on the val images each command's `--limit` names (all of them without it); reconstruct seeds "
+        "as its `--seeds` name (0 without it). With several seeds the table shows mean ± population spread.",
+        "Each stage runs as its own process; `eval s` is the whole `aphq eval` process (about 6 s of it is "
+        "importing torch and mmdetection).",
         "",
         "## Accuracy (COCO AP, %)",
         "",
@@ -242,7 +250,9 @@ def write_markdown(args, steps: list[Step], summary: dict, started: str, total: 
             lines.append(f"| {label} | {pm('bbox_AP')} | {pm('segm_AP')} | {r['n']} | {r['eval_seconds']} |")
         lines.append("")
     lines += ["## Cost per stage process", "",
-              "Wall time and peak resident memory of each `aphq` process (stage or eval); artifact size on disk.",
+              "Wall time and peak resident memory of each `aphq` process (stage or eval); artifact size on disk. "
+              "Float checkpoints for comparison: "
+              + ", ".join(f"{m} {size:.2f} MiB" for m, size in checkpoints.items()) + ".",
               "", "| model | step | wall s | peak RSS MiB | artifact MiB |", "|---|---|---:|---:|---:|"]
     for s in steps:
         size = "" if s.artifact_mib is None else f"{s.artifact_mib:.2f}"
@@ -256,6 +266,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", nargs="+", default=list(TESTBED))
     ap.add_argument("--bits", nargs="+", type=int, default=[4, 3, 6], help="W=A bit-widths")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--grid", nargs="+", default=None, metavar="BITS:METHODS",
+                    help="per bit-width methods, e.g. 4:calib,mse,fisher,aph,mlp+aph 3:calib,aph (overrides --bits "
+                         "and --methods)")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the other models' results already in OUT's JSON (one table for runs made apart)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--limit", type=int, default=None, help="evaluate the first N val images")
     ap.add_argument("--recon-iters", type=int, default=None, help="reconstruct --iters (default: the model's)")
@@ -272,6 +287,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("docs/results.md"))
     args = ap.parse_args(argv)
     args.scaling_points = [tuple(int(v) for v in p.split("x")) for p in args.scaling_points]
+    if args.grid:
+        args.grid = [(int(g.split(":")[0]), g.split(":")[1].split(",")) for g in args.grid]
+        bad = {m for _, ms in args.grid for m in ms} - set(METHODS)
+        if bad:
+            ap.error(f"unknown method(s) {', '.join(sorted(bad))}; choose from {', '.join(METHODS)}")
     args.runs = args.runs.resolve()
     args.runs.mkdir(parents=True, exist_ok=True)
 
@@ -280,19 +300,27 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(args)
     for model in args.models:
         bench_model(bench, model)
-    summary = summarize(bench.steps)
     total = time.perf_counter() - t0
 
     from aphq_cli.artifacts import atomic_write_text
 
     out = args.out
+    this = {"argv": sys.argv[1:] if argv is None else argv, "machine": machine(args.device), "started": started,
+            "seconds": round(total, 1), "models": args.models}
+    steps, commands, checkpoints = list(bench.steps), [this], dict(bench.checkpoints)
+    if args.merge and out.with_suffix(".json").is_file():
+        old = json.loads(out.with_suffix(".json").read_text())
+        steps = [Step(**s) for s in old["steps"] if s["model"] not in args.models] + steps
+        commands = [c for c in old["commands"] if set(c["models"]) - set(args.models)] + commands
+        checkpoints = {m: v for m, v in old.get("checkpoints", {}).items() if m not in args.models} | checkpoints
+    summary = summarize(steps)
     png = out.with_suffix(".png")
     plot(summary, png)
-    text = write_markdown(args, bench.steps, summary, started, total).replace("results.png", png.name)
+    text = write_markdown(args, steps, summary, commands, checkpoints).replace("results.png", png.name)
     atomic_write_text(out, text)
     atomic_write_text(out.with_suffix(".json"), json.dumps(
-        {"argv": sys.argv[1:], "machine": machine(args.device), "started": started, "seconds": round(total, 1),
-         "summary": summary, "steps": [asdict(s) for s in bench.steps]}, indent=2) + "\n")
+        {"commands": commands, "checkpoints": checkpoints, "summary": summary,
+         "steps": [asdict(s) for s in steps]}, indent=2) + "\n")
     print(out)
     return 0
 
