@@ -23,6 +23,14 @@ def random_tiny_checkpoint(tmp_path_factory):
     return save_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "tiny-random.safetensors")
 
 
+@pytest.fixture(scope="session")
+def bundled_fp40():
+    """The bundled tiny-mask-rcnn's float metrics on the first 40 synthetic val images (evaluated once)."""
+    from stages.eval import evaluate
+
+    return evaluate(model="tiny-mask-rcnn", limit=40).metrics
+
+
 def kill_when_done(code: str, folder, count: int, env=None, timeout: float = 240) -> int:
     """Run ``python -c code``, SIGKILL it once ``folder`` holds ``count`` .safetensors files.
 

@@ -94,14 +94,13 @@ def test_image_list(tmp_path, synth_dir):
         source.dataset("calib", image_ids=[999])
 
 
-def test_w8a8_stays_within_one_point_of_float(tmp_path):
+def test_w8a8_stays_within_one_point_of_float(tmp_path, bundled_fp40):
     """At 8 bits the bundled testbed model keeps its box AP within 1 point (first 40 val images)."""
     from stages.eval import evaluate
 
-    fp = evaluate(model="tiny-mask-rcnn", limit=40)
     calibrate(model="tiny-mask-rcnn", run=tmp_path / "w8a8", w_bits=8, a_bits=8)
     q = evaluate(run=tmp_path / "w8a8", limit=40)
-    assert abs(q.metrics["bbox_AP"] - fp.metrics["bbox_AP"]) <= 1.0
+    assert abs(q.metrics["bbox_AP"] - bundled_fp40["bbox_AP"]) <= 1.0
     assert q.metrics["bbox_AP"] > 0
 
 
