@@ -95,7 +95,7 @@ def render(report: RunReport, title: str) -> bytes:
         left.legend(fontsize=8)
     else:
         left.text(0.5, 0.5, "no block losses yet", ha="center", va="center", transform=left.transAxes)
-    left.set_title("reconstruction loss per block (reconstruct: relative to its first step)")
+    left.set_title("reconstruction loss per block (reconstruct: error relative to its first step)")
     left.set_ylabel("loss")
 
     names = list(report.ap)

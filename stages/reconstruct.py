@@ -181,7 +181,9 @@ def reconstruct_unit(unit: nn.Module, caches: "UnitCaches", k: int, weights, con
                     for s in scales:
                         s.clamp_(min=1e-8)
             if (step + 1) % max(1, config.iters // 10) == 0:
-                losses.append(loss.item())
+                # The reconstruction term alone, relative to the first step's (the rounding
+                # regularizer's scale is the number of weights, which would swamp it).
+                losses.append(float(rec.detach() / first))
             if progress is not None:
                 progress(step + 1, config.iters, loss.item())
     finally:
