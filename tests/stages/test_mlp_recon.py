@@ -90,7 +90,8 @@ def test_calibrate_builds_on_mlp_recon(tmp_path, synth_dir, random_tiny_checkpoi
 
 
 # After mlp-recon (GELU -> ReLU, fc1/fc2 reconstructed) the bundled testbed model keeps its float box AP within
-# this many points on the first 40 val images; docs/testbed.md records the measurement this margin comes from.
+# this many points on the first 40 val images. Measured: 12.1 -> 12.4 on 100 val images with the testbed defaults
+# (docs/results.md); the test's shorter schedule (8 images x 100 iterations) is what the margin allows for.
 MLP_RECON_MARGIN = 3.0
 
 
@@ -102,16 +103,3 @@ def test_mlp_recon_keeps_float_ap_within_margin(tmp_path, bundled_fp40):
     relu = evaluate(run=run, stage="mlp-recon", limit=40)
     print("fp", bundled_fp40["bbox_AP"], "mlp-recon", relu.metrics["bbox_AP"])
     assert relu.metrics["bbox_AP"] >= bundled_fp40["bbox_AP"] - MLP_RECON_MARGIN
-    # The reconstruction is what keeps the margin: swapping GELU for ReLU alone costs more.
-    from aphq_cli.runs import ModelSource
-    from stages.eval import coco_metrics, run_inference
-    from stages.mlp_recon import swin_blocks
-
-    source = ModelSource.open("tiny-mask-rcnn", None, None)
-    swapped = source.build("cpu")
-    for _, block in swin_blocks(swapped):
-        block.mlp.act = nn.ReLU()
-    dataset = source.dataset("test", limit=40)
-    plain, _ = coco_metrics(dataset, run_inference(swapped, dataset, device="cpu"))
-    print("plain ReLU swap", plain["bbox_AP"])
-    assert plain["bbox_AP"] < relu.metrics["bbox_AP"]
