@@ -163,7 +163,7 @@ def bench_model(b: Bench, model: str) -> None:
                 else:
                     shutil.copytree(calib_run, run, ignore=shutil.ignore_patterns("eval", "eval.json"))
                 qc = seed_config(run, seed, {})
-                b.aphq(model, f"{tag} reconstruct {loss} (stage)", "reconstruct", "--run", str(run), "--loss", loss,
+                b.aphq(model, f"{tag} reconstruct {method} (stage)", "reconstruct", "--run", str(run), "--loss", loss,
                        "--quant-config", str(qc), *recon_opts, *dev, artifact=run / "reconstruct.safetensors")
                 b.aphq(model, f"{tag} {method}", "eval", "--run", str(run), *dev, *lim, json_out=run / "eval.json")
     if args.export:
