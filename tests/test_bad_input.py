@@ -191,7 +191,10 @@ def test_ctrl_c_keeps_finished_blocks_and_the_rerun_resumes(setup, tmp_path):
     env = dict(os.environ, APHQ_CACHE=str(tmp_path / "cache"))
     command = [sys.executable, "-m", "aphq_cli", "reconstruct", "--run", str(run), "--loss", "mse",
                "--iters", "4", "--images", "1"]
-    child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A shell without job control starts background jobs with SIGINT ignored, and children inherit that
+    # (CI may run us so): give the child the default disposition, as a terminal's foreground job has.
+    child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 240
     while time.time() < deadline and len(list(blocks.glob("*.safetensors"))) < 3 and child.poll() is None:
         time.sleep(0.02)

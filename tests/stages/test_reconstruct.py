@@ -35,7 +35,8 @@ def test_needs_a_calibrated_run(tmp_path):
         reconstruct(run=tmp_path)
 
 
-@pytest.mark.parametrize("loss", ["aph", "fisher"])
+# One loss suffices for where weights end up (the aph path runs in the W3A3 and torchrun tests).
+@pytest.mark.parametrize("loss", ["fisher"])
 def test_weights_end_on_their_grid(calibrated, loss):
     reconstruct(run=calibrated, loss=loss, settings={"iters": 2, "images": 1})
     model, _, header = load_stage(calibrated)
