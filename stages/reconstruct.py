@@ -313,11 +313,13 @@ def reconstruct(*, run: Path, loss: str | None = None, iters: int | None = None,
     dataset = source.dataset("calib", limit=config.images)
     out = stage_path(prepare_run(run), STAGE)
     inputs = source.fingerprints(dataset) | {"options": sha256_json(asdict(config)), "calibrate": sha256_file(calib_path)}
+    mlp = calib.config.get("mlp_recon_artifact") or None
+    if mlp:  # the same inputs the artifact records, or a second run would never be a cache hit
+        inputs = inputs | {"mlp_recon": calib.inputs["mlp_recon"]}
     if not force and is_current(out, stage=STAGE, inputs=inputs):
         return out, True
 
     report = progress or (lambda *a: None)
-    mlp = calib.config.get("mlp_recon_artifact") or None
     fp = source.build(dev, mlp_recon=Path(mlp) if mlp else None)
     before = {k: v.clone() for k, v in fp.state_dict().items()}
     cache = TensorCache(Path(run) / "reconstruct" / "cache")
@@ -357,8 +359,6 @@ def reconstruct(*, run: Path, loss: str | None = None, iters: int | None = None,
     if not main:
         return out, False
     cache.drop("")
-    if mlp:
-        inputs = inputs | {"mlp_recon": calib.inputs["mlp_recon"]}
     save_artifact(out, quantized_tensors(detector, before), stage=STAGE, config=header, inputs=inputs,
                   extra={"model": source.spec.name})
     return out, False

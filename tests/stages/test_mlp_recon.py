@@ -87,6 +87,13 @@ def test_calibrate_builds_on_mlp_recon(tmp_path, synth_dir, random_tiny_checkpoi
     fc2 = [b.mlp.fc2 for s in quantized.backbone.layers for b in s.blocks]
     assert all(isinstance(b.mlp.act, nn.ReLU) for s in quantized.backbone.layers for b in s.blocks)
     assert all(float(f.a_quant.zero_point) == 0.0 for f in fc2)
+    # reconstruct on top of it is a cache hit the second time (its inputs include the mlp-recon artifact).
+    from stages.reconstruct import reconstruct
+
+    path, hit = reconstruct(run=run, loss="mse", settings={"iters": 2, "images": 1})
+    mtime = path.stat().st_mtime_ns
+    assert not hit and reconstruct(run=run, loss="mse", settings={"iters": 2, "images": 1}) == (path, True)
+    assert path.stat().st_mtime_ns == mtime
 
 
 # After mlp-recon (GELU -> ReLU, fc1/fc2 reconstructed) the bundled testbed model keeps its float box AP within
@@ -103,3 +110,4 @@ def test_mlp_recon_keeps_float_ap_within_margin(tmp_path, bundled_fp40):
     relu = evaluate(run=run, stage="mlp-recon", limit=40)
     print("fp", bundled_fp40["bbox_AP"], "mlp-recon", relu.metrics["bbox_AP"])
     assert relu.metrics["bbox_AP"] >= bundled_fp40["bbox_AP"] - MLP_RECON_MARGIN
+
