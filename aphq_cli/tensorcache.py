@@ -51,5 +51,30 @@ class TensorCache:
     def finish(self, entry: str, count: int) -> None:
         atomic_write_text(self.root / entry / "DONE", json.dumps({"count": count}))
 
+    def fill(self, entry: str, count: int, fn, progress=None) -> None:
+        """``self[entry][i] = fn(i)`` for every item, unless the entry is complete already.
+
+        Under torchrun each rank computes its share (items rank, rank+K, ...)
+        into the shared folder; rank 0 marks the entry complete once every
+        rank is done, and the trailing barrier lets all ranks see the marker.
+
+        Args:
+            fn: ``index -> {name: tensor}``.
+            progress: optional callable ``(done, total)`` over this rank's share.
+        """
+        from aphq_cli import distributed
+
+        if self.complete(entry, count):
+            return
+        mine = distributed.my_indices(count)
+        for done, i in enumerate(mine, 1):
+            self.put(entry, i, fn(i))
+            if progress is not None:
+                progress(done, len(mine))
+        distributed.barrier()
+        if distributed.is_main():
+            self.finish(entry, count)
+        distributed.barrier()
+
     def drop(self, entry: str) -> None:
         shutil.rmtree(self.root / entry, ignore_errors=True)

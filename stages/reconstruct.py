@@ -200,20 +200,8 @@ def reconstruct_unit(unit: nn.Module, caches: "UnitCaches", k: int, weights, con
 
 def _fill(cache, entry: str, count: int, fn, progress=None) -> None:
     """``cache[entry][i] = fn(i)`` for every image, unless already complete (each rank: its share)."""
-    from aphq_cli import distributed
-
-    if cache.complete(entry, count):
-        return
-    mine = distributed.my_indices(count)
     with torch.no_grad():
-        for done, i in enumerate(mine, 1):
-            cache.put(entry, i, _pack(fn(i)))
-            if progress is not None:
-                progress(done, len(mine))
-    distributed.barrier()
-    if distributed.is_main():
-        cache.finish(entry, count)
-    distributed.barrier()
+        cache.fill(entry, count, lambda i: _pack(fn(i)), progress)
 
 
 def _get(cache, entry: str, i: int, device):

@@ -149,19 +149,7 @@ def ensure_block_aph(detector: nn.Module, name: str, block: nn.Module, images: S
             holds one ``aph`` tensor per image.
         progress: optional callable ``(done, total)`` over images.
     """
-    from aphq_cli import distributed
-
-    if cache.complete(name, len(images)):
-        return
-    mine = distributed.my_indices(len(images))
-    for done, i in enumerate(mine, 1):
-        cache.put(name, i, {"aph": block_aph(detector, block, images[i], delta)})
-        if progress is not None:
-            progress(done, len(mine))
-    distributed.barrier()
-    if distributed.is_main():
-        cache.finish(name, len(images))
-    distributed.barrier()
+    cache.fill(name, len(images), lambda i: {"aph": block_aph(detector, block, images[i], delta)}, progress)
 
 
 def block_fisher(detector: nn.Module, fp: nn.Module, block: nn.Module, img: torch.Tensor) -> torch.Tensor:
