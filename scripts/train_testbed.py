@@ -10,6 +10,10 @@ of how it was made: command, seed, data spec, iterations, wall time, losses
 and the FP box/mask AP on the synthetic val split. ``--init`` starts from
 another testbed model's weights wherever names and shapes agree (the cascade
 reuses the Mask R-CNN's backbone, FPN and RPN), which is recorded too.
+
+Long schedules can be split: ``--snapshot-every N`` saves weights, optimizer
+state and the schedule position to ``<model>.snapshot.pt``, and the same
+command with ``--resume <model>.snapshot.pt`` continues from there.
 """
 
 from __future__ import annotations
@@ -50,6 +54,46 @@ def init_from(model: torch.nn.Module, path: Path) -> int:
     return len(shared)
 
 
+def save_snapshot(path: Path, args, step: int, model, optim, history: list, seconds: float) -> None:
+    """Everything needed to continue: weights, optimizer moments, schedule position.
+
+    Written to a temporary file and renamed, so a run killed while saving
+    leaves the previous snapshot whole.
+    """
+    state = {"model": args.model, "iters": args.iters, "iter": step, "state_dict": model.state_dict(),
+             "optimizer": optim.state_dict(), "history": history, "train_seconds": seconds}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def resume_from(path: Path, args, model, optim) -> tuple[int, list, float]:
+    """Load a snapshot into ``model`` and ``optim``; returns (iteration, history, seconds).
+
+    The learning-rate schedule depends on ``--iters``, so a snapshot only
+    continues the schedule it was made with. Data order after resuming differs
+    from an uninterrupted run (the loader is reseeded with seed + iteration).
+    """
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state.get("model", args.model) != args.model:
+        raise SystemExit(f"error: {path} is a snapshot of {state['model']}, not {args.model}.")
+    if state.get("iters", args.iters) != args.iters:
+        raise SystemExit(f"error: {path} follows a {state['iters']}-iteration schedule; pass --iters {state['iters']}.")
+    model.load_state_dict(state["state_dict"])
+    if "optimizer" in state:  # snapshots from before this option hold weights only
+        optim.load_state_dict(state["optimizer"])
+    return state["iter"], state.get("history", []), state.get("train_seconds", 0.0)
+
+
+def quiet_mmcv_logger() -> None:
+    """mmcv logs one paragraph per tensor from ``init_weights``: keep warnings only."""
+    import logging
+
+    from mmcv.utils import get_logger
+
+    get_logger("mmcv").setLevel(logging.WARNING)
+
+
 def train_loader(cfg, data_dir: Path, batch: int, workers: int, seed: int):
     from mmdet.datasets import build_dataloader
     from mmdet.datasets import build_dataset as mmdet_build
@@ -75,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--init", type=Path, default=None, help="start from these weights where they fit")
     ap.add_argument("--out", type=Path, default=None, help="default: the package's weights folder")
     ap.add_argument("--snapshot-every", type=int, default=0,
-                    help="also save the weights to OUT.snapshot.pt every N iterations (0: never)")
+                    help="save the training state to OUT.snapshot.pt every N iterations (0: never)")
+    ap.add_argument("--resume", type=Path, default=None,
+                    help="continue from a snapshot of this model made with the same --iters schedule")
     args = ap.parse_args(argv)
 
     random.seed(args.seed)
@@ -87,6 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     model_spec = resolve_model(args.model)
     cfg = load_config(model_spec)
     model = build_model(cfg)
+    # mmdetection's own initialization of FPN, RPN and RoI heads (Xavier, N(0, 0.01)
+    # classifiers, N(0, 0.001) box regressors), which its training tool applies and
+    # building alone does not; the Swin backbone initializes itself on construction.
+    quiet_mmcv_logger()
+    model.init_weights()
     reused = init_from(model, args.init) if args.init else 0
     loader = train_loader(cfg, data_dir, args.batch, args.workers, args.seed)
 
@@ -94,8 +145,14 @@ def main(argv: list[str] | None = None) -> int:
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "relative_position" not in n)]
     optim = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
+    step, history, seconds_before, resumed = 0, [], 0.0, None
+    if args.resume:
+        step, history, seconds_before = resume_from(args.resume, args, model, optim)
+        resumed = {"snapshot": str(args.resume), "iter": step}
+        loader = train_loader(cfg, data_dir, args.batch, args.workers, args.seed + step)
     model.train()
-    start, step, history = time.perf_counter(), 0, []
+    start = time.perf_counter()
+    snap = (args.out or WEIGHTS_DIR / f"{args.model}.safetensors").with_suffix(".snapshot.pt")
     with progress_bar(f"train {args.model}") as update:
         while step < args.iters:
             for batch in loader:
@@ -116,10 +173,10 @@ def main(argv: list[str] | None = None) -> int:
                                                           if k in ("loss", "loss_rpn_cls", "loss_cls",
                                                                    "loss_mask", "s0.loss_cls")))
                 if args.snapshot_every and step % args.snapshot_every == 0:
-                    snap = (args.out or WEIGHTS_DIR / f"{args.model}.safetensors").with_suffix(".snapshot.pt")
-                    torch.save({"iter": step, "state_dict": model.state_dict()}, snap)
+                    save_snapshot(snap, args, step, model, optim, history,
+                                  seconds_before + time.perf_counter() - start)
                 update(step, args.iters)
-    train_seconds = time.perf_counter() - start
+    train_seconds = seconds_before + time.perf_counter() - start
 
     # Evaluate the weights as they will be bundled (float16 round trip).
     model.eval()
@@ -138,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python scripts/train_testbed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "init_tensors_reused": reused,
+        "resumed": resumed,
         "data_spec": spec.to_dict() | {"key": spec.key()},
         "params": sum(p.numel() for p in model.parameters()),
         "train_seconds": round(train_seconds, 1),

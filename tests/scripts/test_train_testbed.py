@@ -1,0 +1,61 @@
+"""The training script's snapshots: a resumed run continues exactly where it stopped."""
+
+import importlib.util
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "train_testbed.py"
+
+
+@pytest.fixture(scope="module")
+def train():
+    spec = importlib.util.spec_from_file_location("train_testbed", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _setup():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+
+def _steps(model, optim, batches):
+    for x in batches:
+        optim.zero_grad()
+        model(x).pow(2).mean().backward()
+        optim.step()
+
+
+def test_resume_matches_an_uninterrupted_run(train, tmp_path):
+    batches = [torch.randn(16, 4, generator=torch.Generator().manual_seed(i)) for i in range(6)]
+    args = Namespace(model="m", iters=6)
+    model, optim = _setup()
+    _steps(model, optim, batches)
+
+    first, first_optim = _setup()
+    _steps(first, first_optim, batches[:3])
+    snap = tmp_path / "m.snapshot.pt"
+    train.save_snapshot(snap, args, 3, first, first_optim, [{"iter": 3}], 12.5)
+    assert not list(tmp_path.glob("*.tmp"))
+
+    resumed, resumed_optim = _setup()  # fresh weights and Adam moments, as after a restart
+    step, history, seconds = train.resume_from(snap, args, resumed, resumed_optim)
+    assert (step, history, seconds) == (3, [{"iter": 3}], 12.5)
+    _steps(resumed, resumed_optim, batches[3:])
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)  # Adam's moments came back too, not only the weights
+
+
+@pytest.mark.parametrize("change, message", [({"model": "other"}, "snapshot of m"),
+                                             ({"iters": 9}, "6-iteration schedule")])
+def test_resume_refuses_another_model_or_schedule(train, tmp_path, change, message):
+    model, optim = _setup()
+    snap = tmp_path / "m.snapshot.pt"
+    train.save_snapshot(snap, Namespace(model="m", iters=6), 2, model, optim, [], 1.0)
+    with pytest.raises(SystemExit, match=message):
+        train.resume_from(snap, Namespace(**{"model": "m", "iters": 6} | change), *_setup())
