@@ -1,10 +1,11 @@
 """The bundled testbed detectors: strict loading and an accuracy floor on the synthetic val split.
 
 On the first 40 val images (data generator version 3) the bundled
-tiny-mask-rcnn scores 13.7 box / 15.5 mask AP (`aphq eval --model
+tiny-mask-rcnn scores 49.7 box / 55.7 mask AP (`aphq eval --model
 tiny-mask-rcnn --limit 40`, measured 2026-11-27) and tiny-cascade-mask-rcnn
-11.0 box / 11.6 mask AP; the floors sit about 2.5 points under, so a broken loader, pipeline or evaluation fails (random weights
-score 0), while small numeric differences between machines do not.
+30.7 box / 30.0 mask AP; the floors sit 2.5-3 points under, so a broken loader, pipeline or
+evaluation fails (random weights score 0), while small numeric differences
+between machines do not.
 """
 
 import json
@@ -15,7 +16,7 @@ from aphq_cli.models.checkpoint import read_state_dict
 from aphq_cli.models.zoo import builtin_models, load_model
 from stages.eval import evaluate
 
-FLOORS = {"tiny-mask-rcnn": (11.0, 13.0), "tiny-cascade-mask-rcnn": (8.5, 9.0)}  # box, mask AP
+FLOORS = {"tiny-mask-rcnn": (47.0, 53.0), "tiny-cascade-mask-rcnn": (28.0, 27.5)}  # box, mask AP
 
 
 @pytest.mark.parametrize("name", list(FLOORS))

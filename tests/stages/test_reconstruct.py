@@ -77,9 +77,12 @@ def test_kill_and_resume_gives_the_uninterrupted_result(calibrated, tmp_path):
 def test_aph_reconstruction_beats_calibration_alone(tmp_path):
     """The bundled testbed model at W3A3: reconstruct (aph) raises box AP over calibrate alone.
 
-    At W4A4 the weak testbed model loses only about one point to calibration and
-    reconstruction does not win it back (docs/results.md: 11.2 calibrated, 11.0
-    aph on 100 val images); at W3A3 it does (7.8 -> 8.8), so that is what is tested.
+    At W3A3 calibration costs the 49.5-AP model half its accuracy and aph
+    reconstruction wins a third of it back: 23.6 -> 31.6 on 100 val images with
+    the testbed defaults (docs/results.md), 26.3 -> 34.5 on this test's 40
+    images with 8 images x 100 iterations. At W4A4 (44.9 calibrated) the
+    testbed's 200 iterations per block do not gain over calibration (aph 43.3),
+    so W4A4 is not what is tested.
     """
     from stages.eval import evaluate
 
@@ -89,4 +92,6 @@ def test_aph_reconstruction_beats_calibration_alone(tmp_path):
     reconstruct(run=run, loss="aph", settings={"images": 8, "iters": 100})
     recon = evaluate(run=run, stage="reconstruct", limit=40)
     print("calibrate", calib.metrics["bbox_AP"], "reconstruct", recon.metrics["bbox_AP"])
-    assert recon.metrics["bbox_AP"] > calib.metrics["bbox_AP"]
+    # Measured gain 8.2 points; half of it is the bar, so a reconstruction that
+    # only nudges the calibrated model fails.
+    assert recon.metrics["bbox_AP"] >= calib.metrics["bbox_AP"] + 4.0
