@@ -85,6 +85,17 @@ def resume_from(path: Path, args, model, optim) -> tuple[int, list, float]:
     return state["iter"], state.get("history", []), state.get("train_seconds", 0.0)
 
 
+def set_rcnn_samples(cfg, num: int) -> None:
+    """Sample ``num`` RoIs per image in every RoI-head stage (one for Mask R-CNN, three for the cascade).
+
+    Training only; the synthetic images hold at most 8 objects, so 256 keep the
+    positives COCO's 512 would and make an iteration about a quarter cheaper.
+    """
+    rcnn = cfg.model.train_cfg.rcnn
+    for stage in rcnn if isinstance(rcnn, list) else [rcnn]:
+        stage.sampler.num = num
+
+
 def quiet_mmcv_logger() -> None:
     """mmcv logs one paragraph per tensor from ``init_weights``: keep warnings only."""
     import logging
@@ -115,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--weight-decay", type=float, default=0.05)
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rcnn-samples", type=int, default=256, help="RoIs sampled per image per RoI-head stage")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--init", type=Path, default=None, help="start from these weights where they fit")
     ap.add_argument("--out", type=Path, default=None, help="default: the package's weights folder")
@@ -132,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         data_dir = ensure_dataset(spec, progress=update)
     model_spec = resolve_model(args.model)
     cfg = load_config(model_spec)
+    set_rcnn_samples(cfg, args.rcnn_samples)
     model = build_model(cfg)
     # mmdetection's own initialization of FPN, RPN and RoI heads (Xavier, N(0, 0.01)
     # classifiers, N(0, 0.001) box regressors), which its training tool applies and

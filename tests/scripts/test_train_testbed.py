@@ -59,3 +59,15 @@ def test_resume_refuses_another_model_or_schedule(train, tmp_path, change, messa
     train.save_snapshot(snap, Namespace(model="m", iters=6), 2, model, optim, [], 1.0)
     with pytest.raises(SystemExit, match=message):
         train.resume_from(snap, Namespace(**{"model": "m", "iters": 6} | change), *_setup())
+
+
+@pytest.mark.parametrize("name, stages", [("tiny-mask-rcnn", 1), ("tiny-cascade-mask-rcnn", 3)])
+def test_rcnn_samples_reach_every_roi_head_stage(train, name, stages):
+    from aphq_cli.models.zoo import build_model, load_config, resolve_model
+
+    cfg = load_config(resolve_model(name))
+    train.set_rcnn_samples(cfg, 256)
+    model = build_model(cfg)
+    samplers = getattr(model.roi_head, "bbox_sampler")
+    samplers = samplers if isinstance(samplers, list) else [samplers]
+    assert [s.num for s in samplers] == [256] * stages

@@ -22,19 +22,6 @@ def _stage(stds):
         loss_bbox=dict(type='GIoULoss', loss_weight=10.0))
 
 
-def _rcnn_train(iou):
-    # Training only: at most 8 objects per image, so 256 sampled RoIs per stage
-    # (COCO's 512 costs time without adding positives).
-    return dict(
-        assigner=dict(type='MaxIoUAssigner', pos_iou_thr=iou, neg_iou_thr=iou, min_pos_iou=iou,
-                      match_low_quality=False, ignore_iof_thr=-1),
-        sampler=dict(type='RandomSampler', num=256, pos_fraction=0.25, neg_pos_ub=-1,
-                     add_gt_as_proposals=True),
-        mask_size=28,
-        pos_weight=-1,
-        debug=False)
-
-
 model = dict(
     backbone=dict(embed_dim=32, depths=[2, 2, 2, 2], num_heads=[1, 2, 4, 8], drop_path_rate=0.1),
     neck=dict(in_channels=[32, 64, 128, 256], out_channels=64),
@@ -44,5 +31,4 @@ model = dict(
         bbox_head=[_stage([0.1, 0.1, 0.2, 0.2]), _stage([0.05, 0.05, 0.1, 0.1]),
                    _stage([0.033, 0.033, 0.067, 0.067])],
         mask_roi_extractor=dict(out_channels=64),
-        mask_head=dict(in_channels=64, conv_out_channels=64, num_classes=7)),
-    train_cfg=dict(rcnn=[_rcnn_train(0.5), _rcnn_train(0.6), _rcnn_train(0.7)]))
+        mask_head=dict(in_channels=64, conv_out_channels=64, num_classes=7)))

@@ -11,7 +11,4 @@ model = dict(
         bbox_roi_extractor=dict(out_channels=64),
         bbox_head=dict(in_channels=64, fc_out_channels=256, num_classes=7),
         mask_roi_extractor=dict(out_channels=64),
-        mask_head=dict(in_channels=64, conv_out_channels=64, num_classes=7)),
-    # Training only: at most 8 objects per image, 256 sampled RoIs are plenty and
-    # make an iteration about a quarter cheaper than COCO's 512.
-    train_cfg=dict(rcnn=dict(sampler=dict(num=256))))
+        mask_head=dict(in_channels=64, conv_out_channels=64, num_classes=7)))
