@@ -1,8 +1,8 @@
 """Train a testbed detector on the synthetic dataset, on CPU, and bundle its weights.
 
-    .venv/bin/python scripts/train_testbed.py --model tiny-mask-rcnn --iters 1500
-    .venv/bin/python scripts/train_testbed.py --model tiny-cascade-mask-rcnn --iters 800 \
-        --init aphq_cli/models/weights/tiny-mask-rcnn.safetensors
+    .venv/bin/python scripts/train_testbed.py --model tiny-mask-rcnn --iters 3000 --lr 8e-4 --warmup 200
+    .venv/bin/python scripts/train_testbed.py --model tiny-cascade-mask-rcnn --iters 300 --lr 6e-4 \
+        --warmup 30 --init aphq_cli/models/weights/tiny-mask-rcnn.safetensors
 
 Writes ``aphq_cli/models/weights/<model>.safetensors`` (float16 to keep the
 repository small; the models run in float32) and ``<model>.json``, the record
