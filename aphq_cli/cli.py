@@ -103,6 +103,10 @@ def eval_cmd(
     stage: Optional[str] = typer.Option(None, "--stage", help="Which stage of --run: mlp-recon, calibrate or reconstruct."),
     artifact: Optional[Path] = typer.Option(None, "--artifact", "-a", help="Evaluate an `aphq export` file."),
     limit: Optional[int] = typer.Option(None, "--limit", "-n", help="Evaluate only the first N images."),
+    keep_float: Optional[list[str]] = typer.Option(
+        None, "--keep-float", metavar="PART[:w|:a]",
+        help="Run this part of a quantized model in float (e.g. roi_head, backbone:w); repeatable. "
+             "Shows where quantization costs accuracy; not recorded in the run."),
     device: str = DeviceOpt,
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the metrics (percent) as JSON."),
     trust_checkpoint: bool = TrustOpt,
@@ -113,7 +117,7 @@ def eval_cmd(
 
     with progress_bar("eval") as update:
         result = evaluate(model=model, checkpoint=checkpoint, data=data, run=run, stage=stage, artifact=artifact,
-                          limit=limit,
+                          limit=limit, keep_float=keep_float,
                           device=device, trust_checkpoint=trust_checkpoint, json_path=json_path,
                           progress=update)
     if _state["verbose"]:

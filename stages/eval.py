@@ -10,6 +10,8 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from aphq_cli.errors import AphqError
+
 
 # mmdetection metric suffix -> our name; values are reported in percent.
 _METRICS = {"mAP": "AP", "mAP_50": "AP50", "mAP_75": "AP75", "mAP_s": "APs", "mAP_m": "APm", "mAP_l": "APl"}
@@ -93,16 +95,17 @@ def coco_metrics(dataset, results: list) -> tuple[dict[str, float], str]:
     metrics = [m for m in IOU_TYPES if m == "bbox" or isinstance(results[0], tuple)]
     log = io.StringIO()
     # pycocotools prints its summary on stdout, which belongs to data (--json);
-    # mmdetection warns about a deleted key on every mask evaluation.
-    with contextlib.redirect_stdout(log), warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
+    # mmdetection warns about a deleted key on every mask evaluation, after
+    # resetting the filters itself, so an "ignore" filter cannot stop it:
+    # recording catches whatever it warns.
+    with contextlib.redirect_stdout(log), warnings.catch_warnings(record=True):
         raw = dataset.evaluate(results, metric=metrics)
     return percent_metrics(raw), log.getvalue()
 
 
 def evaluate(*, model: str = "tiny-mask-rcnn", checkpoint: Path | None = None, data: Path | None = None,
              run: Path | None = None, stage: str | None = None, artifact: Path | None = None,
-             limit: int | None = None,
+             limit: int | None = None, keep_float: list[str] | None = None,
              device: str = "cpu", trust_checkpoint: bool = False, json_path: Path | None = None,
              record_run: Path | None = None, reuse: bool = False, progress=None) -> EvalResult:
     """Evaluate a detector's box and mask AP on a COCO-layout split.
@@ -116,6 +119,9 @@ def evaluate(*, model: str = "tiny-mask-rcnn", checkpoint: Path | None = None, d
         stage: which stage of ``run``; the newest by default.
         artifact: evaluate an ``aphq export`` file instead, rebuilt from it alone.
         limit: evaluate only the first N images.
+        keep_float: parts of a quantized model (``run`` or ``artifact``) to run
+            in float (``roi_head``, ``backbone:w``; see ``keep_float``), to see
+            where quantization costs accuracy. Such a result is not recorded.
         device: ``cpu``, ``cuda`` or ``cuda:N``.
         trust_checkpoint: allow a pickled checkpoint with arbitrary objects.
         json_path: write the metrics there as JSON (atomically).
@@ -131,6 +137,8 @@ def evaluate(*, model: str = "tiny-mask-rcnn", checkpoint: Path | None = None, d
     from aphq_cli.devices import resolve_device
     from aphq_cli.runs import ModelSource, load_stage, newest_stage, stage_path
 
+    if keep_float and artifact is None and run is None:
+        raise AphqError("--keep-float applies to a quantized model: give --run or --artifact")
     dev = resolve_device(distributed.init(device))
     if artifact is not None:
         from stages.export import load_export
@@ -152,6 +160,13 @@ def evaluate(*, model: str = "tiny-mask-rcnn", checkpoint: Path | None = None, d
         detector = source.build(dev)
         label, weights = f"{source.spec.name} [fp]", str(source.checkpoint)
         name, made_from = "fp", source.checkpoint
+    if keep_float:
+        from aphq_cli.quant.wrap import keep_float as turn_off
+        try:
+            turn_off(detector, keep_float)
+        except ValueError as e:
+            raise AphqError(f"--keep-float {e}") from None
+        label, record_run = f"{label[:-1]}, float: {' '.join(keep_float)}]", None
     key = {"weights": sha256_file(made_from), "annotations": sha256_file(dataset.ann_file), "images": len(dataset)}
     record = eval_record_path(record_run, name) if record_run is not None else None
     if reuse and record is not None and (old := read_eval_record(record)) is not None and old[1] == key:

@@ -151,6 +151,22 @@ def test_checkpoint_that_does_not_fit_the_model(setup):
     _one_sentence(result, "does not fit")
 
 
+@pytest.mark.parametrize("args, message", [(["--keep-float", "roi_heads"], "'roi_heads' names no quantized module"),
+                                           (["--keep-float", "neck:weights"], "is not PART, PART:w or PART:a")])
+def test_keep_float_part_that_names_nothing(setup, args, message):
+    run = setup[1]
+    before = _snapshot(run)
+    _one_sentence(CliRunner().invoke(app, ["eval", "--run", str(run), "--limit", "1", *args]), message)
+    assert _snapshot(run) == before
+
+
+def test_keep_float_of_a_float_model(setup):
+    _, _, ckpt, synth = setup
+    result = CliRunner().invoke(app, ["eval", "--checkpoint", str(ckpt), "--data", str(synth),
+                                      "--keep-float", "roi_head"])
+    _one_sentence(result, "--keep-float applies to a quantized model")
+
+
 @pytest.mark.parametrize("command", [["calibrate", "--w-bits", "1"], ["calibrate", "--a-bits", "9"],
                                      ["demo", "--w-bits", "0"]])
 def test_bit_widths_out_of_range(tmp_path, command):

@@ -90,3 +90,35 @@ def fold_channel_scales(norm: nn.LayerNorm, layer: QuantLinear, r: torch.Tensor,
         layer.bias = nn.Parameter(shift.clone())
     else:
         layer.bias.add_(shift)
+
+
+def keep_float(model: nn.Module, parts: list[str] | tuple[str, ...]) -> int:
+    """Turn off the quantizers of the named parts, so those parts run in float.
+
+    For finding where quantization costs accuracy: each part is a module name
+    (``roi_head``, ``backbone.layers.2``) with an optional ``:w`` (its weight
+    quantizers only) or ``:a`` (its activation quantizers only).
+
+    Returns:
+        How many quantizers were turned off.
+
+    Raises:
+        ValueError: a part names no quantized module.
+    """
+    from aphq_cli.quant.modules import quantizers
+
+    found = quantizers(model)
+    off = 0
+    for part in parts:
+        prefix, _, kind = part.partition(":")
+        if kind not in ("", "w", "a") or not prefix:
+            raise ValueError(f"{part!r} is not PART, PART:w or PART:a")
+        hits = [q for name, q in found.items()
+                if name.startswith(prefix + ".") and (kind == "" or (kind == "w") == name.endswith("w_quant"))]
+        if not hits:
+            tops = sorted({name.split(".")[0] for name in found})
+            raise ValueError(f"{part!r} names no quantized module (the model's parts: {', '.join(tops)})")
+        for q in hits:
+            off += q.enabled
+            q.enabled = False
+    return off

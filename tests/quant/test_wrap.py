@@ -1,12 +1,13 @@
 """Model wrapping and the RepQ scale reparameterization."""
 
+import pytest
 import torch
 from torch import nn
 
 from aphq_cli.models.swin import APHQSwinTransformer, SwinBlock
 from aphq_cli.quant.modules import QuantConv2d, QuantLinear, QuantMatMul, quantizers
 from aphq_cli.quant.primitives import fake_quantize, quantize, search_rowwise
-from aphq_cli.quant.wrap import fold_channel_scales, layer_norm_of, quantize_model, reparam_factors
+from aphq_cli.quant.wrap import fold_channel_scales, keep_float, layer_norm_of, quantize_model, reparam_factors
 
 
 def _block(seed=0):
@@ -85,6 +86,34 @@ def test_enabled_quantizer_matches_the_primitive():
                                     fake_quantize(lin.weight, torch.full((4, 1), 0.02), torch.full((4, 1), 8.0), 4),
                                     lin.bias)
     assert torch.equal(lin(x), expected)
+
+
+def test_keep_float_turns_off_exactly_the_named_part():
+    model = nn.ModuleDict({"backbone": APHQSwinTransformer(embed_dim=16, depths=(2, 2), num_heads=(1, 2),
+                                                           out_indices=(0, 1))})
+    quantize_model(model, 4, 4)
+    qs = quantizers(model)
+    for q in qs.values():
+        q.enabled = True
+    in_layer1 = {n for n in qs if n.startswith("backbone.layers.1.")}
+    weights = {n for n in in_layer1 if n.endswith("w_quant")}
+    assert keep_float(model, ["backbone.layers.1:w"]) == len(weights) > 0
+    assert {n for n, q in qs.items() if not q.enabled} == weights
+    # A second call counts only what it newly turns off.
+    assert keep_float(model, ["backbone.layers.1"]) == len(in_layer1 - weights)
+    assert {n for n, q in qs.items() if not q.enabled} == in_layer1
+
+
+@pytest.mark.parametrize("part, message", [("roi_head", "names no quantized module .*backbone"),
+                                           ("backbone.layers.1:x", "is not PART"),
+                                           ("backbone.layers.", "names no quantized module"),
+                                           ("backbone.layer", "names no quantized module")])
+def test_keep_float_refuses_what_names_nothing(part, message):
+    model = quantize_model(nn.ModuleDict({"backbone": APHQSwinTransformer(embed_dim=16, depths=(2, 2),
+                                                                          num_heads=(1, 2), out_indices=(0, 1))}),
+                           4, 4)
+    with pytest.raises(ValueError, match=message):
+        keep_float(model, [part])
 
 
 def test_layer_norm_of():

@@ -70,6 +70,7 @@ def test_eval_command_writes_json(synth_dir, random_tiny_checkpoint, tmp_path):
         for name in ("AP", "AP50", "AP75", "APs", "APm", "APl"):
             assert -1.0 <= metrics[f"{iou}_{name}"] <= 100.0
     assert "box" in proc.stderr and "mask" in proc.stderr  # the results table
+    assert "Warning" not in proc.stderr  # mmdetection's per-evaluation notice stays out of the terminal
 
 
 @pytest.mark.parametrize("args, message", [
