@@ -15,7 +15,11 @@ are the stage's own. Methods, per bit-width:
 
 Reconstruction methods run once per ``--seeds`` value (the reconstruct seed,
 set through a ``--quant-config`` file); the table shows mean and spread.
-``--scaling`` adds reconstruct runs at several image and iteration counts.
+``--breakdown`` evaluates the first bit-width's calibrated model with one
+part at a time in float (``aphq eval --keep-float``), and each reconstruction
+with float heads: where quantization costs accuracy, and how much of the
+part reconstruction touches it wins back. ``--scaling`` adds reconstruct
+runs at several image and iteration counts.
 The output names the machine; no number in docs/results.md comes from anywhere
 else.
 """
@@ -174,6 +178,8 @@ def bench_model(b: Bench, model: str) -> None:
         b.aphq(model, f"W{bits}A{bits} export (stage)", "export", "--run", str(run), "--out", str(out), artifact=out)
         b.aphq(model, f"W{bits}A{bits} export reloaded", "eval", "--artifact", str(out), *dev, *lim,
                json_out=base / "export.json")
+    if args.breakdown:
+        breakdown(b, model, base, grid[0], args.seeds[0], [*dev, *lim])
     if args.scaling:
         bits = grid[0][0]
         calib_run = base / f"w{bits}a{bits}"
@@ -183,6 +189,31 @@ def bench_model(b: Bench, model: str) -> None:
             b.aphq(model, f"scaling: reconstruct aph, {images} images x {iters} iters", "reconstruct", "--run",
                    str(run), "--loss", "aph", "--images", str(images), "--iters", str(iters), *dev,
                    artifact=run / "reconstruct.safetensors")
+
+
+# Parts of a detector that --breakdown runs in float, one evaluation each.
+PARTS = {"heads": ["rpn_head", "roi_head"], "backbone+neck": ["backbone", "neck"],
+         "weights": ["backbone:w", "neck:w", "rpn_head:w", "roi_head:w"],
+         "activations": ["backbone:a", "neck:a", "rpn_head:a", "roi_head:a"]}
+
+
+def breakdown(b: Bench, model: str, base: Path, first: tuple[int, list[str]], seed: int, opts: list[str]) -> None:
+    """Where quantization costs accuracy: the calibrated model with each part in float (``--keep-float``).
+
+    With float heads, calibration and each reconstruction are compared on the
+    part reconstruction changes (backbone and neck) alone.
+    """
+    bits, methods = first
+    tag = f"W{bits}A{bits}"
+    for what, parts in PARTS.items():
+        flags = [a for part in parts for a in ("--keep-float", part)]
+        b.aphq(model, f"{tag} calib, float {what}", "eval", "--run", str(base / f"w{bits}a{bits}"), "--stage",
+               "calibrate", *flags, *opts, json_out=base / f"breakdown-calib-{what}.json")
+    for method in [m for m in methods if m != "calib"]:
+        run = base / f"w{bits}a{bits}-{method.replace('+', '-')}-s{seed}"
+        flags = [a for part in PARTS["heads"] for a in ("--keep-float", part)]
+        b.aphq(model, f"{tag} {method}, float heads", "eval", "--run", str(run), *flags, *opts,
+               json_out=base / f"breakdown-{method.replace('+', '-')}-heads.json")
 
 
 def summarize(steps: list[Step]) -> dict:
@@ -277,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recon-images", type=int, default=None, help="reconstruct --images (default: the model's)")
     ap.add_argument("--mlp-eval", action="store_true", help="measure FP after mlp-recon even without mlp+aph")
     ap.add_argument("--export", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--breakdown", action="store_true",
+                    help="evaluate the first bit-width with heads, backbone+neck, weights, activations in float")
     ap.add_argument("--scaling", action="store_true", help="reconstruct time/memory at several sizes")
     ap.add_argument("--scaling-points", nargs="+", default=["4x50", "8x50", "16x50", "8x25", "8x100"],
                     help="IMAGESxITERS points for --scaling")
