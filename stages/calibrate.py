@@ -21,7 +21,7 @@ from aphq_cli.settings import resolve_settings, settings_from_dict
 from aphq_cli.quant.calib import SearchSettings
 
 STAGE = "calibrate"
-CONFIG_VERSION = 1
+CONFIG_VERSION = 2  # 2: a folded Swin block pads with -b (float-exact); older artifacts recompute
 
 
 @dataclass(frozen=True)

@@ -171,6 +171,11 @@ class SwinBlock(nn.Module):
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
+        # What padded tokens hold after norm1: zeros, unless a scale fold
+        # (quant/wrap.py) shifted norm1's output, where a float-model zero is
+        # -b. A parameter (not a buffer) only once set, so float checkpoints
+        # load strictly and quantized artifacts carry it like a created bias.
+        self.pad_value: nn.Parameter | None = None
         self._mask_cache: dict[tuple, torch.Tensor] = {}
 
     def attention_mask(self, hp: int, wp: int, device: torch.device) -> torch.Tensor | None:
@@ -188,6 +193,9 @@ class SwinBlock(nn.Module):
         # Pad right/bottom to whole windows; padded tokens are cropped below.
         pad_b, pad_r = (-h) % self.window, (-w) % self.window
         x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+        if self.pad_value is not None and (pad_b or pad_r):
+            x[:, h:, :, :] = self.pad_value
+            x[:, :, w:, :] = self.pad_value
         hp, wp = h + pad_b, w + pad_r
         if self.shift:
             x = torch.roll(x, shifts=(-self.shift, -self.shift), dims=(1, 2))

@@ -20,7 +20,7 @@ from torch import nn
 from aphq_cli.errors import AphqError
 from aphq_cli.quant.modules import QuantConv2d, QuantLinear, QuantMatMul
 from aphq_cli.quant.primitives import matmul_percentiles, search_matmul, search_rowwise
-from aphq_cli.quant.wrap import fold_channel_scales, layer_norm_of, quant_layers, reparam_factors
+from aphq_cli.quant.wrap import fold_channel_scales, layer_norm_of, padding_block, quant_layers, reparam_factors
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,7 @@ def calibrate_layer(model: nn.Module, name: str, layer: nn.Module, recorder: Inp
         # Per-channel first, folded into the LayerNorm so one scale serves (RepQ).
         s_c, z_c = search_rowwise(x.T.contiguous(), bits, eq_n=settings.eq_n, pct=settings.pct)
         _, _, r, b = reparam_factors(s_c, z_c, bits)
-        fold_channel_scales(model.get_submodule(norm), layer, r, b)
+        fold_channel_scales(model.get_submodule(norm), layer, r, b, padding_block(model, norm))
         x = x / r - b
     fixed_zero = settings.fc2_zero and name.endswith("mlp.fc2")
     s, z = search_rowwise(_flat(x), bits, eq_n=settings.eq_n, pct=settings.pct, fixed_zero=fixed_zero)

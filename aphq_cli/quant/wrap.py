@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from aphq_cli.models.swin import MatMul, WindowAttention
+from aphq_cli.models.swin import MatMul, SwinBlock, WindowAttention
 from aphq_cli.quant.modules import QuantConv2d, QuantLinear, QuantMatMul
 
 IMAGE_BITS = 8  # the patch embedding's input, the image, stays at 8 bits
@@ -49,6 +49,13 @@ def quant_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantConv2d, QuantMatMul))}
 
 
+def padding_block(model: nn.Module, norm_name: str) -> SwinBlock | None:
+    """The Swin block whose ``norm1`` is ``norm_name`` (it pads that norm's output), else None."""
+    owner, _, attr = norm_name.rpartition(".")
+    block = model.get_submodule(owner) if owner else model
+    return block if attr == "norm1" and isinstance(block, SwinBlock) else None
+
+
 def layer_norm_of(layer_name: str) -> str | None:
     """Qualified name of the LayerNorm feeding ``layer_name``, if it is one of the RepQ layers."""
     for suffix, norm in LN_FOLLOWERS.items():
@@ -74,14 +81,24 @@ def reparam_factors(s_c: torch.Tensor, z_c: torch.Tensor, bits: int
 
 
 @torch.no_grad()
-def fold_channel_scales(norm: nn.LayerNorm, layer: QuantLinear, r: torch.Tensor, b: torch.Tensor) -> None:
+def fold_channel_scales(norm: nn.LayerNorm, layer: QuantLinear, r: torch.Tensor, b: torch.Tensor,
+                        padded_by: SwinBlock | None = None) -> None:
     """Fold ``y' = y / r - b`` into ``norm`` and its compensation into ``layer``.
 
     ``norm.weight /= r``, ``norm.bias = norm.bias / r - b``,
     ``W'[:, c] = W[:, c] r_c``, ``bias' = bias + W' b``: in floating point the
     layer's output is unchanged. A bias-free layer (patch merging's reduction)
     gains a bias.
+
+    Args:
+        padded_by: the Swin block that pads ``norm``'s output to whole windows
+            (``norm`` is its ``norm1``). A padded token is zero in the float
+            model, ``-b`` after the fold, so the block pads with ``-b``:
+            otherwise every window holding padding attends to other keys and
+            values than in float.
     """
+    if padded_by is not None:
+        padded_by.pad_value = nn.Parameter(-b.detach().clone(), requires_grad=False)
     norm.weight.div_(r)
     norm.bias.copy_(norm.bias / r - b)
     layer.weight.mul_(r[None, :])

@@ -7,7 +7,8 @@ from torch import nn
 from aphq_cli.models.swin import APHQSwinTransformer, SwinBlock
 from aphq_cli.quant.modules import QuantConv2d, QuantLinear, QuantMatMul, quantizers
 from aphq_cli.quant.primitives import fake_quantize, quantize, search_rowwise
-from aphq_cli.quant.wrap import fold_channel_scales, keep_float, layer_norm_of, quantize_model, reparam_factors
+from aphq_cli.quant.wrap import (fold_channel_scales, keep_float, layer_norm_of, padding_block, quantize_model,
+                                 reparam_factors)
 
 
 def _block(seed=0):
@@ -19,16 +20,19 @@ def _block(seed=0):
     return block
 
 
-def test_reparameterization_keeps_the_float_output():
+# 14 x 21 tokens fill 7 x 7 windows; 10 x 19 pads, so padded tokens must stay float zeros.
+@pytest.mark.parametrize("size", [(14, 21), (10, 19)])
+def test_reparameterization_keeps_the_float_output(size):
     block = _block()
-    wrapped = quantize_model(nn.Sequential(block), 4, 4)[0]
-    x = torch.randn(2, 14, 21, 32)
+    model = quantize_model(nn.Sequential(block), 4, 4)
+    wrapped = model[0]
+    x = torch.randn(2, *size, 32)
     with torch.no_grad():
         before = wrapped(x)
         y = wrapped.norm1(x).reshape(-1, 32)
         s_c, z_c = search_rowwise(y.T.contiguous(), 4)
         _, _, r, b = reparam_factors(s_c, z_c, 4)
-        fold_channel_scales(wrapped.norm1, wrapped.attn.qkv, r, b)
+        fold_channel_scales(wrapped.norm1, wrapped.attn.qkv, r, b, padding_block(model, "0.norm1"))
         after = wrapped(x)
     # float32: the fold rescales by r (up to ~10x here) and shifts by b, which
     # changes rounding of sums over 32 channels: a few ulps of outputs of size
@@ -114,6 +118,12 @@ def test_keep_float_refuses_what_names_nothing(part, message):
                            4, 4)
     with pytest.raises(ValueError, match=message):
         keep_float(model, [part])
+
+
+def test_padding_block_is_the_norm1_owner_only():
+    model = nn.Sequential(_block())
+    assert padding_block(model, "0.norm1") is model[0]
+    assert padding_block(model, "0.norm2") is None  # its output is never padded
 
 
 def test_layer_norm_of():
