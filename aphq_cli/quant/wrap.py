@@ -116,26 +116,48 @@ def keep_float(model: nn.Module, parts: list[str] | tuple[str, ...]) -> int:
     (``roi_head``, ``backbone.layers.2``) with an optional ``:w`` (its weight
     quantizers only) or ``:a`` (its activation quantizers only).
 
+    Weights that already hold their quantized values (reconstruct rounds the
+    backbone's and neck's, an export all of them) have no float version left,
+    so naming their weights is refused rather than silently scoring them
+    quantized; their activations (``PART:a``) can still run in float.
+
     Returns:
         How many quantizers were turned off.
 
     Raises:
-        ValueError: a part names no quantized module.
+        ValueError: a part names no quantized module, or weights on their grid.
     """
     from aphq_cli.quant.modules import quantizers
 
     found = quantizers(model)
-    off = 0
+    chosen: dict[str, nn.Module] = {}
     for part in parts:
         prefix, _, kind = part.partition(":")
         if kind not in ("", "w", "a") or not prefix:
             raise ValueError(f"{part!r} is not PART, PART:w or PART:a")
-        hits = [q for name, q in found.items()
-                if name.startswith(prefix + ".") and (kind == "" or (kind == "w") == name.endswith("w_quant"))]
+        hits = {name: q for name, q in found.items()
+                if name.startswith(prefix + ".") and (kind == "" or (kind == "w") == name.endswith("w_quant"))}
         if not hits:
             tops = sorted({name.split(".")[0] for name in found})
             raise ValueError(f"{part!r} names no quantized module (the model's parts: {', '.join(tops)})")
-        for q in hits:
-            off += q.enabled
-            q.enabled = False
+        rounded = [name for name in hits if name.endswith(".w_quant") and _on_grid(model, name)]
+        if rounded:
+            layer = rounded[0][: -len(".w_quant")]
+            raise ValueError(f"{part!r} includes weights that hold their quantized values, such as {layer}'s "
+                             f"({len(rounded)} layer(s)); use {prefix}:a for its activations")
+        chosen |= hits
+    off = 0
+    for q in chosen.values():
+        off += q.enabled
+        q.enabled = False
     return off
+
+
+def _on_grid(model: nn.Module, quantizer_name: str) -> bool:
+    """Whether the weight of the layer owning this weight quantizer sits on the quantizer's grid."""
+    q = model.get_submodule(quantizer_name)
+    if not q.enabled:
+        return False
+    weight = model.get_submodule(quantizer_name[: -len(".w_quant")]).weight.detach()
+    codes = weight / q.scale + q.zero_point  # scale and zero point broadcast per output channel
+    return bool((codes - codes.round()).abs().max() < 1e-3)

@@ -108,6 +108,22 @@ def test_keep_float_turns_off_exactly_the_named_part():
     assert {n for n, q in qs.items() if not q.enabled} == in_layer1
 
 
+def test_keep_float_refuses_weights_that_hold_their_quantized_values():
+    model = nn.ModuleDict({"backbone": APHQSwinTransformer(embed_dim=16, depths=(2, 2), num_heads=(1, 2),
+                                                           out_indices=(0, 1))})
+    quantize_model(model, 4, 4)
+    for q in quantizers(model).values():
+        q.enabled = True
+    layer = model["backbone"].layers[1].blocks[0].mlp.fc1
+    with torch.no_grad():  # what reconstruct does to a layer: its weight becomes its quantized value
+        layer.w_quant.set_params(torch.full((layer.out_features,), 0.05), torch.full((layer.out_features,), 8.0))
+        layer.weight.copy_(layer.w_quant(layer.weight))
+    with pytest.raises(ValueError, match="layers.1.blocks.0.mlp.fc1's"):
+        keep_float(model, ["backbone.layers.1"])
+    assert all(q.enabled for q in quantizers(model).values())  # a refused call turns nothing off
+    assert keep_float(model, ["backbone.layers.0:w", "backbone.layers.1:a"]) > 0  # the rest is allowed
+
+
 @pytest.mark.parametrize("part, message", [("roi_head", "names no quantized module .*backbone"),
                                            ("backbone.layers.1:x", "is not PART"),
                                            ("backbone.layers.", "names no quantized module"),
