@@ -18,6 +18,15 @@ def settings_from_dict(cls: type[T], values: dict, stage: str) -> T:
     return cls(**values)
 
 
+def with_arguments(settings: dict | None, **arguments) -> dict:
+    """``settings`` with each keyword argument that was given (not None) on top.
+
+    A stage takes a few settings as named arguments (``iters=``) and the rest
+    as a dict; an argument left at None must not erase the dict's value.
+    """
+    return dict(settings or {}) | {k: v for k, v in arguments.items() if v is not None}
+
+
 def resolve_settings(cls: type[T], cfg, stage: str, overrides: dict, file_values: dict | None = None) -> T:
     """Dataclass defaults, the model config's ``aphq_defaults[<stage>]``, a quant config, then overrides.
 

@@ -17,7 +17,7 @@ import torch
 
 from aphq_cli.errors import AphqError
 from aphq_cli.quantconfig import stage_settings
-from aphq_cli.settings import resolve_settings, settings_from_dict
+from aphq_cli.settings import resolve_settings, settings_from_dict, with_arguments
 from aphq_cli.quant.calib import SearchSettings
 
 STAGE = "calibrate"
@@ -74,7 +74,7 @@ def calibrate(*, model: str, run: Path, w_bits: int | None = None, a_bits: int |
     from aphq_cli.artifacts import is_current, read_header, save_artifact, sha256_file
     from aphq_cli.runs import ModelSource, prepare_run, stage_path
 
-    overrides = dict(settings or {}, w_bits=w_bits, a_bits=a_bits, calib_images=calib_images)
+    overrides = with_arguments(settings, w_bits=w_bits, a_bits=a_bits, calib_images=calib_images)
     qc_label, qc_values = stage_settings(quant_config, STAGE)
     settings_from_dict(CalibrateConfig, qc_values | {k: v for k, v in overrides.items() if v is not None},
                        STAGE)  # fail fast, before loading anything

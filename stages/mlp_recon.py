@@ -20,7 +20,7 @@ from torch import nn
 
 from aphq_cli.errors import AphqError
 from aphq_cli.quantconfig import stage_settings
-from aphq_cli.settings import resolve_settings, settings_from_dict
+from aphq_cli.settings import resolve_settings, settings_from_dict, with_arguments
 
 STAGE = "mlp-recon"
 CONFIG_VERSION = 1
@@ -189,7 +189,7 @@ def mlp_recon(*, model: str, run: Path, iters: int | None = None, images: int | 
     from aphq_cli.runs import ModelSource, aph_cache, prepare_run, stage_path
     from aphq_cli.tensorcache import TensorCache
 
-    overrides = dict(settings or {}, iters=iters, images=images)
+    overrides = with_arguments(settings, iters=iters, images=images)
     qc_label, qc_values = stage_settings(quant_config, STAGE)
     settings_from_dict(MlpReconConfig, qc_values | {k: v for k, v in overrides.items() if v is not None},
                        STAGE)  # fail fast, before loading anything

@@ -24,7 +24,7 @@ from torch import nn
 
 from aphq_cli.errors import AphqError
 from aphq_cli.quantconfig import stage_settings
-from aphq_cli.settings import resolve_settings, settings_from_dict
+from aphq_cli.settings import resolve_settings, settings_from_dict, with_arguments
 
 STAGE = "reconstruct"
 CONFIG_VERSION = 1
@@ -289,7 +289,7 @@ def reconstruct(*, run: Path, loss: str | None = None, iters: int | None = None,
     from aphq_cli.tensorcache import TensorCache
     from stages.calibrate import quantized_tensors
 
-    overrides = dict(settings or {}, loss=loss, iters=iters, images=images)
+    overrides = with_arguments(settings, loss=loss, iters=iters, images=images)
     qc_label, qc_values = stage_settings(quant_config, STAGE)
     settings_from_dict(ReconstructConfig, qc_values | {k: v for k, v in overrides.items() if v is not None}, STAGE)
     calib_path = stage_path(run, "calibrate")

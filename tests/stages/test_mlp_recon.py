@@ -78,7 +78,9 @@ def test_calibrate_builds_on_mlp_recon(tmp_path, synth_dir, random_tiny_checkpoi
     monkeypatch.setenv("APHQ_CACHE", str(tmp_path / "cache"))
     run = tmp_path / "run"
     _run(run, random_tiny_checkpoint, synth_dir)
-    fp_relu, _, _ = load_stage(run, "mlp-recon")
+    fp_relu, _, mlp_header = load_stage(run, "mlp-recon")
+    # The settings dict reaches the stage (not the testbed's defaults).
+    assert {k: mlp_header.config["mlp_recon"][k] for k in SMALL} == SMALL
     assert all(isinstance(b.mlp.act, nn.ReLU) for s in fp_relu.backbone.layers for b in s.blocks)
     calibrate(model="tiny-mask-rcnn", run=run, checkpoint=random_tiny_checkpoint, data=synth_dir, calib_images=1,
               settings={"eq_n": 16, "matmul_eq_n": 4, "search_round": 1, "max_windows": 8})

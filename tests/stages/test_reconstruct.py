@@ -41,6 +41,8 @@ def test_weights_end_on_their_grid(calibrated, loss):
     reconstruct(run=calibrated, loss=loss, settings={"iters": 2, "images": 1})
     model, _, header = load_stage(calibrated)
     assert header.stage == "reconstruct" and header.config["reconstruct"]["loss"] == loss
+    # The settings dict reaches the stage (not the testbed's defaults of 200 x 16).
+    assert (header.config["reconstruct"]["iters"], header.config["reconstruct"]["images"]) == (2, 1)
     for m in model.backbone.modules():
         if isinstance(m, (QuantLinear, QuantConv2d)):
             codes = m.weight / m.w_quant.scale + m.w_quant.zero_point
