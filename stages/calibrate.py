@@ -76,8 +76,7 @@ def calibrate(*, model: str, run: Path, w_bits: int | None = None, a_bits: int |
 
     overrides = with_arguments(settings, w_bits=w_bits, a_bits=a_bits, calib_images=calib_images)
     qc_label, qc_values = stage_settings(quant_config, STAGE)
-    settings_from_dict(CalibrateConfig, qc_values | {k: v for k, v in overrides.items() if v is not None},
-                       STAGE)  # fail fast, before loading anything
+    settings_from_dict(CalibrateConfig, qc_values | overrides, STAGE)  # fail fast, before loading anything
     source = ModelSource.open(model, checkpoint, data, trust_checkpoint=trust_checkpoint)
     config = resolve_config(source.cfg, overrides, qc_values)
     if image_list is not None:

@@ -191,8 +191,7 @@ def mlp_recon(*, model: str, run: Path, iters: int | None = None, images: int | 
 
     overrides = with_arguments(settings, iters=iters, images=images)
     qc_label, qc_values = stage_settings(quant_config, STAGE)
-    settings_from_dict(MlpReconConfig, qc_values | {k: v for k, v in overrides.items() if v is not None},
-                       STAGE)  # fail fast, before loading anything
+    settings_from_dict(MlpReconConfig, qc_values | overrides, STAGE)  # fail fast, before loading anything
     source = ModelSource.open(model, checkpoint, data, trust_checkpoint=trust_checkpoint)
     config = resolve_config(source.cfg, overrides, qc_values)
     dataset = source.dataset("calib", limit=config.images)

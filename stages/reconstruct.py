@@ -291,7 +291,7 @@ def reconstruct(*, run: Path, loss: str | None = None, iters: int | None = None,
 
     overrides = with_arguments(settings, loss=loss, iters=iters, images=images)
     qc_label, qc_values = stage_settings(quant_config, STAGE)
-    settings_from_dict(ReconstructConfig, qc_values | {k: v for k, v in overrides.items() if v is not None}, STAGE)
+    settings_from_dict(ReconstructConfig, qc_values | overrides, STAGE)
     calib_path = stage_path(run, "calibrate")
     if not calib_path.is_file():
         raise AphqError(f"{calib_path} does not exist; run `aphq calibrate --run {run}` first")
