@@ -92,13 +92,18 @@ def test_enabled_quantizer_matches_the_primitive():
     assert torch.equal(lin(x), expected)
 
 
-def test_keep_float_turns_off_exactly_the_named_part():
-    model = nn.ModuleDict({"backbone": APHQSwinTransformer(embed_dim=16, depths=(2, 2), num_heads=(1, 2),
-                                                           out_indices=(0, 1))})
-    quantize_model(model, 4, 4)
-    qs = quantizers(model)
-    for q in qs.values():
+def _calibrated_backbone() -> nn.Module:
+    """A small quantized Swin under ``backbone`` with every quantizer on (as calibration leaves it)."""
+    model = quantize_model(nn.ModuleDict({"backbone": APHQSwinTransformer(
+        embed_dim=16, depths=(2, 2), num_heads=(1, 2), out_indices=(0, 1))}), 4, 4)
+    for q in quantizers(model).values():
         q.enabled = True
+    return model
+
+
+def test_keep_float_turns_off_exactly_the_named_part():
+    model = _calibrated_backbone()
+    qs = quantizers(model)
     in_layer1 = {n for n in qs if n.startswith("backbone.layers.1.")}
     weights = {n for n in in_layer1 if n.endswith("w_quant")}
     assert keep_float(model, ["backbone.layers.1:w"]) == len(weights) > 0
@@ -109,11 +114,7 @@ def test_keep_float_turns_off_exactly_the_named_part():
 
 
 def test_keep_float_refuses_weights_that_hold_their_quantized_values():
-    model = nn.ModuleDict({"backbone": APHQSwinTransformer(embed_dim=16, depths=(2, 2), num_heads=(1, 2),
-                                                           out_indices=(0, 1))})
-    quantize_model(model, 4, 4)
-    for q in quantizers(model).values():
-        q.enabled = True
+    model = _calibrated_backbone()
     layer = model["backbone"].layers[1].blocks[0].mlp.fc1
     with torch.no_grad():  # what reconstruct does to a layer: its weight becomes its quantized value
         layer.w_quant.set_params(torch.full((layer.out_features,), 0.05), torch.full((layer.out_features,), 8.0))
@@ -129,9 +130,7 @@ def test_keep_float_refuses_weights_that_hold_their_quantized_values():
                                            ("backbone.layers.", "names no quantized module"),
                                            ("backbone.layer", "names no quantized module")])
 def test_keep_float_refuses_what_names_nothing(part, message):
-    model = quantize_model(nn.ModuleDict({"backbone": APHQSwinTransformer(embed_dim=16, depths=(2, 2),
-                                                                          num_heads=(1, 2), out_indices=(0, 1))}),
-                           4, 4)
+    model = _calibrated_backbone()
     with pytest.raises(ValueError, match=message):
         keep_float(model, [part])
 
