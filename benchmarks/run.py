@@ -205,14 +205,16 @@ def breakdown(b: Bench, model: str, base: Path, first: tuple[int, list[str]], se
     """
     bits, methods = first
     tag = f"W{bits}A{bits}"
-    for what, parts in PARTS.items():
-        flags = [a for part in parts for a in ("--keep-float", part)]
+
+    def flags(what: str) -> list[str]:
+        return [a for part in PARTS[what] for a in ("--keep-float", part)]
+
+    for what in PARTS:
         b.aphq(model, f"{tag} calib, float {what}", "eval", "--run", str(base / f"w{bits}a{bits}"), "--stage",
-               "calibrate", *flags, *opts, json_out=base / f"breakdown-calib-{what}.json")
+               "calibrate", *flags(what), *opts, json_out=base / f"breakdown-calib-{what}.json")
     for method in [m for m in methods if m != "calib"]:
         run = base / f"w{bits}a{bits}-{method.replace('+', '-')}-s{seed}"
-        flags = [a for part in PARTS["heads"] for a in ("--keep-float", part)]
-        b.aphq(model, f"{tag} {method}, float heads", "eval", "--run", str(run), *flags, *opts,
+        b.aphq(model, f"{tag} {method}, float heads", "eval", "--run", str(run), *flags("heads"), *opts,
                json_out=base / f"breakdown-{method.replace('+', '-')}-heads.json")
 
 

@@ -76,6 +76,17 @@ def test_kill_and_resume_gives_the_uninterrupted_result(calibrated, tmp_path):
         assert torch.equal(got[key], expected[key]), key
 
 
+def _box_ap_before_and_after_aph(run, settings: dict) -> tuple[float, float]:
+    """Box AP on the first 40 val images of the calibrated run, then after aph reconstruction."""
+    from stages.eval import evaluate
+
+    calib = evaluate(run=run, stage="calibrate", limit=40).metrics["bbox_AP"]
+    reconstruct(run=run, loss="aph", settings=settings)
+    recon = evaluate(run=run, stage="reconstruct", limit=40).metrics["bbox_AP"]
+    print("calibrate", calib, "reconstruct", recon)
+    return calib, recon
+
+
 @pytest.fixture(scope="module")
 def bundled_w3a3(tmp_path_factory):
     """The bundled tiny-mask-rcnn calibrated at W3A3 with the testbed defaults."""
@@ -94,16 +105,10 @@ def test_aph_reconstruction_beats_calibration_alone(bundled_w3a3):
     reconstruction changes, cost it only 2.6 box AP and reconstruction does
     not gain (docs/testbed.md); the cascade's W4A4 test is below.
     """
-    from stages.eval import evaluate
-
-    run = bundled_w3a3
-    calib = evaluate(run=run, stage="calibrate", limit=40)
-    reconstruct(run=run, loss="aph", settings={"images": 8, "iters": 100})
-    recon = evaluate(run=run, stage="reconstruct", limit=40)
-    print("calibrate", calib.metrics["bbox_AP"], "reconstruct", recon.metrics["bbox_AP"])
+    calib, recon = _box_ap_before_and_after_aph(bundled_w3a3, {"images": 8, "iters": 100})
     # Measured gain 10.0 points; 4 is the bar, so a reconstruction that only
     # nudges the calibrated model fails.
-    assert recon.metrics["bbox_AP"] >= calib.metrics["bbox_AP"] + 4.0
+    assert recon >= calib + 4.0
 
 
 def test_aph_reconstruction_beats_calibration_at_w4a4_on_the_cascade(tmp_path):
@@ -114,16 +119,11 @@ def test_aph_reconstruction_beats_calibration_at_w4a4_on_the_cascade(tmp_path):
     images (docs/results.md; 30.6 ± 0.2 over three seeds), 28.9 -> 30.0 on
     this test's 40.
     """
-    from stages.eval import evaluate
-
     run = tmp_path / "w4a4"
     calibrate(model="tiny-cascade-mask-rcnn", run=run, w_bits=4, a_bits=4)
-    calib = evaluate(run=run, stage="calibrate", limit=40)
-    reconstruct(run=run, loss="aph")
-    recon = evaluate(run=run, stage="reconstruct", limit=40)
-    print("calibrate", calib.metrics["bbox_AP"], "reconstruct", recon.metrics["bbox_AP"])
+    calib, recon = _box_ap_before_and_after_aph(run, {})
     # Measured gain 1.1 points; a reconstruction that does nothing, or harms, fails.
-    assert recon.metrics["bbox_AP"] >= calib.metrics["bbox_AP"] + 0.5
+    assert recon >= calib + 0.5
 
 
 def test_keep_float_everything_is_the_float_model(bundled_w3a3, bundled_fp40):
