@@ -107,21 +107,24 @@ def eval_cmd(
         None, "--keep-float", metavar="PART[:w|:a]",
         help="Run this part of a quantized model in float (e.g. roi_head, backbone:w); repeatable. "
              "Shows where quantization costs accuracy; not recorded in the run."),
+    per_class: bool = typer.Option(False, "--per-class", help="Also show (and write to --json) each class's AP."),
     device: str = DeviceOpt,
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the metrics (percent) as JSON."),
     trust_checkpoint: bool = TrustOpt,
 ) -> None:
     """COCO box and mask AP of a float detector (--model) or of a stage of a run (--run)."""
-    from aphq_cli.console import err, metrics_table, progress_bar
+    from aphq_cli.console import class_table, err, metrics_table, progress_bar
     from stages.eval import evaluate
 
     with progress_bar("eval") as update:
         result = evaluate(model=model, checkpoint=checkpoint, data=data, run=run, stage=stage, artifact=artifact,
-                          limit=limit, keep_float=keep_float,
+                          limit=limit, keep_float=keep_float, per_class=per_class,
                           device=device, trust_checkpoint=trust_checkpoint, json_path=json_path,
                           progress=update)
     if _state["verbose"]:
         err.print(result.log)
+    if result.per_class is not None:
+        err.print(class_table("AP per class", result.per_class))
     err.print(metrics_table(f"{result.model} on {result.images} image(s), {result.seconds:.1f} s",
                             {result.model: result.metrics}))
     if json_path is not None:

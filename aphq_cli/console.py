@@ -65,3 +65,15 @@ def metrics_table(title: str, rows: dict[str, dict[str, float]]) -> Table:
         for iou, name in (("bbox", "box"), ("segm", "mask")):
             table.add_row(escape(label), name, *(f"{metrics[f'{iou}_{c}']:.1f}" for c in cols))
     return table
+
+
+def class_table(title: str, per_class: dict[str, dict[str, float]]) -> Table:
+    """``{"bbox": {class: AP}, "segm": {...}}`` as one row per class."""
+    ious = [(iou, name) for iou, name in (("bbox", "box AP"), ("segm", "mask AP")) if iou in per_class]
+    table = Table(title=escape(title))
+    table.add_column("class")
+    for _, name in ious:
+        table.add_column(name, justify="right")
+    for cls in per_class[ious[0][0]]:
+        table.add_row(escape(cls), *(f"{per_class[iou].get(cls, float('nan')):.1f}" for iou, _ in ious))
+    return table

@@ -28,6 +28,9 @@ class EvalResult:
         images: how many images.
         seconds: wall time of inference plus evaluation.
         log: pycocotools' printed summary, kept for ``--verbose``.
+        per_class: ``{"bbox": {class: AP}, "segm": {...}}`` in percent, when
+            asked for (``--per-class``); a class with no ground truth in the
+            evaluated images is left out.
     """
 
     metrics: dict[str, float]
@@ -38,10 +41,12 @@ class EvalResult:
     seconds: float
     log: str = field(default="", repr=False)
     reused: bool = field(default=False, repr=False)
+    per_class: dict[str, dict[str, float]] | None = None
 
     def to_json(self) -> dict:
         out = dict(self.metrics)
-        out.update({k: v for k, v in asdict(self).items() if k not in ("metrics", "log", "reused")})
+        skip = ("metrics", "log", "reused") + (("per_class",) if self.per_class is None else ())
+        out.update({k: v for k, v in asdict(self).items() if k not in skip})
         return out
 
 
@@ -90,6 +95,54 @@ def run_inference(detector, dataset, *, device: str, progress=None) -> list:
     return distributed.gather_in_order(results, len(dataset))
 
 
+def class_ap(precision, classes) -> dict[str, float]:
+    """Per-class AP in percent from COCOeval's ``eval["precision"]``.
+
+    ``precision`` has axes (IoU threshold, recall point, class, area range,
+    max detections); a class's AP is the mean over thresholds and recall
+    points for all areas at the largest detection count, which is how COCO's
+    overall AP averages them too. Entries of -1 mean "no ground truth": a
+    class with nothing else is left out.
+    """
+    out = {}
+    for k, name in enumerate(classes):
+        p = precision[:, :, k, 0, -1]
+        p = p[p > -1]
+        if p.size:
+            out[name] = round(100.0 * float(p.mean()), 1)
+    return out
+
+
+def per_class_metrics(dataset, results: list) -> dict[str, dict[str, float]]:
+    """``{"bbox": {class: AP}, "segm": {...}}`` for mmdetection-style ``results``.
+
+    Scored with the same COCOeval parameters as mmdetection's ``evaluate``
+    (its classes, images and detection counts), so the mean over classes is
+    its overall AP.
+    """
+    from pycocotools.cocoeval import COCOeval
+
+    with_masks = isinstance(results[0], tuple)
+    boxes, masks = dataset._segm2json(results) if with_masks else (dataset._det2json(results), None)
+    out = {}
+    for iou, dets in (("bbox", boxes), ("segm", masks)):
+        if dets is None:
+            continue
+        if not dets:  # nothing detected: every class with ground truth scores 0
+            out[iou] = {name: 0.0 for name, cat in zip(dataset.CLASSES, dataset.cat_ids)
+                        if dataset.coco.getAnnIds(imgIds=dataset.img_ids, catIds=[cat])}
+            continue
+        if iou == "segm":  # as mmdetection does: mask areas, not box areas
+            dets = [{k: v for k, v in d.items() if k != "bbox"} for d in dets]
+        with contextlib.redirect_stdout(io.StringIO()):
+            ev = COCOeval(dataset.coco, dataset.coco.loadRes(dets), iou)
+            ev.params.catIds, ev.params.imgIds, ev.params.maxDets = dataset.cat_ids, dataset.img_ids, [100, 300, 1000]
+            ev.evaluate()
+            ev.accumulate()
+        out[iou] = class_ap(ev.eval["precision"], dataset.CLASSES)
+    return out
+
+
 def coco_metrics(dataset, results: list) -> tuple[dict[str, float], str]:
     """Evaluate with pycocotools; returns percent metrics and the printed summary."""
     metrics = [m for m in IOU_TYPES if m == "bbox" or isinstance(results[0], tuple)]
@@ -105,7 +158,7 @@ def coco_metrics(dataset, results: list) -> tuple[dict[str, float], str]:
 
 def evaluate(*, model: str = "tiny-mask-rcnn", checkpoint: Path | None = None, data: Path | None = None,
              run: Path | None = None, stage: str | None = None, artifact: Path | None = None,
-             limit: int | None = None, keep_float: list[str] | None = None,
+             limit: int | None = None, keep_float: list[str] | None = None, per_class: bool = False,
              device: str = "cpu", trust_checkpoint: bool = False, json_path: Path | None = None,
              record_run: Path | None = None, reuse: bool = False, progress=None) -> EvalResult:
     """Evaluate a detector's box and mask AP on a COCO-layout split.
@@ -122,6 +175,7 @@ def evaluate(*, model: str = "tiny-mask-rcnn", checkpoint: Path | None = None, d
         keep_float: parts of a quantized model (``run`` or ``artifact``) to run
             in float (``roi_head``, ``backbone:w``; see ``keep_float``), to see
             where quantization costs accuracy. Such a result is not recorded.
+        per_class: also score each class on its own (``EvalResult.per_class``).
         device: ``cpu``, ``cuda`` or ``cuda:N``.
         trust_checkpoint: allow a pickled checkpoint with arbitrary objects.
         json_path: write the metrics there as JSON (atomically).
@@ -169,14 +223,18 @@ def evaluate(*, model: str = "tiny-mask-rcnn", checkpoint: Path | None = None, d
         label, record_run = f"{label[:-1]}, float: {' '.join(keep_float)}]", None
     key = {"weights": sha256_file(made_from), "annotations": sha256_file(dataset.ann_file), "images": len(dataset)}
     record = eval_record_path(record_run, name) if record_run is not None else None
-    if reuse and record is not None and (old := read_eval_record(record)) is not None and old[1] == key:
+    if (reuse and record is not None and (old := read_eval_record(record)) is not None and old[1] == key
+            and (old[0].per_class is not None or not per_class)):
         return old[0]
     start = time.perf_counter()
     results = run_inference(detector, dataset, device=dev, progress=progress)
     # One rank scores the gathered predictions; the others get its numbers.
-    metrics, log = distributed.broadcast(coco_metrics(dataset, results) if distributed.is_main() else None)
+    def score():
+        return coco_metrics(dataset, results) + ((per_class_metrics(dataset, results) if per_class else None),)
+
+    metrics, log, classes = distributed.broadcast(score() if distributed.is_main() else None)
     result = EvalResult(metrics, label, weights, str(Path(dataset.ann_file).parent.parent), len(dataset),
-                        round(time.perf_counter() - start, 2), log)
+                        round(time.perf_counter() - start, 2), log, per_class=classes)
     if not distributed.is_main():
         return result
     if json_path is not None:
@@ -207,7 +265,10 @@ def read_eval_record(path: Path) -> tuple[EvalResult, dict] | None:
         key = data.pop("key")
         metrics = {k: float(data.pop(k)) for k in list(data) if k.startswith(("bbox_", "segm_"))}
         fields = {k: data[k] for k in ("model", "checkpoint", "data", "images", "seconds")}
-        return EvalResult(metrics, **fields, reused=True), key
+        per_class = data.get("per_class")
+        if per_class is not None:
+            per_class = {iou: {c: float(v) for c, v in aps.items()} for iou, aps in per_class.items()}
+        return EvalResult(metrics, **fields, reused=True, per_class=per_class), key
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

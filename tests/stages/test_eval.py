@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from aphq_cli.cli import app
 from aphq_cli.data.coco import build_dataset
 from aphq_cli.models.zoo import load_config, resolve_model
-from stages.eval import coco_metrics, percent_metrics
+from stages.eval import class_ap, coco_metrics, per_class_metrics, percent_metrics
 
 
 def test_percent_metrics_names_and_scale():
@@ -47,6 +47,35 @@ def test_ground_truth_scores_100(synth_dir):
     assert "Average Precision" in log
 
 
+def test_class_ap_averages_thresholds_and_recall_points_of_all_areas():
+    rng = np.random.default_rng(0)
+    # (IoU thresholds, recall points, classes, area ranges, max detections)
+    precision = rng.uniform(0, 1, size=(2, 3, 3, 4, 3))
+    precision[:, :, 2] = -1  # class "c" has no ground truth
+    precision[1, 2, 1, 0, -1] = -1  # a missing point is skipped, not counted as 0
+    out = class_ap(precision, ["a", "b", "c"])
+    assert set(out) == {"a", "b"}
+    a = sum(precision[t, r, 0, 0, 2] for t in range(2) for r in range(3)) / 6
+    b = sum(precision[t, r, 1, 0, 2] for t in range(2) for r in range(3) if (t, r) != (1, 2)) / 5
+    assert out["a"] == round(100 * a, 1) and out["b"] == round(100 * b, 1)
+
+
+def test_per_class_ap_isolates_a_missed_class_and_averages_to_the_overall_ap(synth_dir):
+    dataset = build_dataset(load_config(resolve_model("tiny-mask-rcnn")), "test", synth_dir, limit=20)
+    results = _oracle_results(dataset)
+    missed = dataset.CLASSES.index("ellipse")
+    for bboxes, masks in results:  # drop every ellipse
+        bboxes[missed] = bboxes[missed][:0]
+        masks[missed] = []
+    metrics, _ = coco_metrics(dataset, results)
+    per_class = per_class_metrics(dataset, results)
+    for iou in ("bbox", "segm"):
+        aps = per_class[iou]
+        assert aps.pop("ellipse") == 0.0
+        assert aps and set(aps.values()) == {100.0}
+        assert np.mean(list(per_class[iou].values()) + [0.0]) == pytest.approx(metrics[f"{iou}_AP"], abs=0.05)
+
+
 def test_limit_restricts_the_evaluated_images(synth_dir):
     dataset = build_dataset(load_config(resolve_model("tiny-mask-rcnn")), "test", synth_dir, limit=2)
     assert len(dataset) == 2 and dataset.img_ids == [d["id"] for d in dataset.data_infos]
@@ -56,11 +85,15 @@ def test_limit_restricts_the_evaluated_images(synth_dir):
     assert 0 < metrics["bbox_AP"] < 100.0
 
 
+def dataset_classes():
+    return load_config(resolve_model("tiny-mask-rcnn")).data.test.get("classes") or ()
+
+
 def test_eval_command_writes_json(synth_dir, random_tiny_checkpoint, tmp_path):
     out = tmp_path / "metrics.json"
     proc = subprocess.run(
         [sys.executable, "-m", "aphq_cli", "eval", "--model", "tiny-mask-rcnn", "--data", str(synth_dir),
-         "--checkpoint", str(random_tiny_checkpoint), "--limit", "2", "--json", str(out)],
+         "--checkpoint", str(random_tiny_checkpoint), "--limit", "2", "--json", str(out), "--per-class"],
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == str(out)
@@ -69,7 +102,10 @@ def test_eval_command_writes_json(synth_dir, random_tiny_checkpoint, tmp_path):
     for iou in ("bbox", "segm"):
         for name in ("AP", "AP50", "AP75", "APs", "APm", "APl"):
             assert -1.0 <= metrics[f"{iou}_{name}"] <= 100.0
+        assert set(metrics["per_class"][iou]) <= set(dataset_classes())
+        assert all(0.0 <= v <= 100.0 for v in metrics["per_class"][iou].values())
     assert "box" in proc.stderr and "mask" in proc.stderr  # the results table
+    assert "AP per class" in proc.stderr
     assert "Warning" not in proc.stderr  # mmdetection's per-evaluation notice stays out of the terminal
 
 
