@@ -71,3 +71,23 @@ def test_rcnn_samples_reach_every_roi_head_stage(train, name, stages):
     samplers = getattr(model.roi_head, "bbox_sampler")
     samplers = samplers if isinstance(samplers, list) else [samplers]
     assert [s.num for s in samplers] == [256] * stages
+
+
+def test_spec_changes_the_named_fields_only(train):
+    from aphq_cli.data.synth import SynthSpec
+
+    spec = train.spec_with(["max_object_frac=1.0", "max_objects=5", "image_sizes=224,256"])
+    assert spec == SynthSpec(max_object_frac=1.0, max_objects=5, image_sizes=(224, 256))
+    assert spec.key() != SynthSpec().key()  # another cache folder, recorded with the weights
+    assert train.spec_with([]) == SynthSpec()
+
+
+@pytest.mark.parametrize("change, message", [
+    ("max_object_frac", "expected FIELD=VALUE"),
+    ("colour=red", "expected FIELD=VALUE with FIELD one of seed,"),
+    ("max_objects=2.5", "'2.5' is not an integer"),
+    ("image_sizes=224x256", "is not a comma-separated list of integers"),
+])
+def test_spec_refuses_what_it_cannot_apply(train, change, message):
+    with pytest.raises(SystemExit, match=message):
+        train.spec_with([change])
