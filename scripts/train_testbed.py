@@ -9,7 +9,10 @@ repository small; the models run in float32) and ``<model>.json``, the record
 of how it was made: command, seed, data spec, iterations, wall time, losses
 and the FP box/mask AP on the synthetic val split. ``--init`` starts from
 another testbed model's weights wherever names and shapes agree (the cascade
-reuses the Mask R-CNN's backbone, FPN and RPN), which is recorded too.
+reuses the Mask R-CNN's backbone, FPN and RPN); it is repeatable, a later file
+overriding an earlier one, and each is recorded with its hash and its own
+record, so a chain of runs stays traceable. ``--spec FIELD=VALUE`` trains on
+synthetic data with a SynthSpec field changed.
 
 Long schedules can be split: ``--snapshot-every N`` saves weights, optimizer
 state and the schedule position to ``<model>.snapshot.pt``, and the same
@@ -52,6 +55,18 @@ def init_from(model: torch.nn.Module, path: Path) -> int:
     shared = {k: v.float() for k, v in state.items() if k in own and own[k].shape == v.shape}
     model.load_state_dict(shared, strict=False)
     return len(shared)
+
+
+def init_provenance(path: Path, reused: int) -> dict:
+    """What an ``--init`` file was: its hash, how many tensors it gave, and its
+    own training record (the ``.json`` beside it) when it has one, so a chain
+    of runs stays traceable after the file itself is replaced."""
+    beside = Path(path).with_suffix(".json")
+    try:
+        record = json.loads(beside.read_text())
+    except (OSError, ValueError):
+        record = None
+    return {"path": str(path), "sha256": sha256_file(Path(path)), "tensors_reused": reused, "record": record}
 
 
 def save_snapshot(path: Path, args, step: int, model, optim, history: list, seconds: float) -> None:
@@ -144,7 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rcnn-samples", type=int, default=256, help="RoIs sampled per image per RoI-head stage")
     ap.add_argument("--workers", type=int, default=1)
-    ap.add_argument("--init", type=Path, default=None, help="start from these weights where they fit")
+    ap.add_argument("--init", type=Path, action="append", default=[],
+                    help="start from these weights where names and shapes fit; repeatable, a later file "
+                         "overrides an earlier one")
     ap.add_argument("--out", type=Path, default=None, help="default: the package's weights folder")
     ap.add_argument("--snapshot-every", type=int, default=0,
                     help="save the training state to OUT.snapshot.pt every N iterations (0: never)")
@@ -170,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     # building alone does not; the Swin backbone initializes itself on construction.
     quiet_mmcv_logger()
     model.init_weights()
-    reused = init_from(model, args.init) if args.init else 0
+    # Hashed and read now: --out may replace an --init file when training ends.
+    inits = [init_provenance(path, init_from(model, path)) for path in args.init]
     loader = train_loader(cfg, data_dir, args.batch, args.workers, args.seed)
 
     decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "relative_position" not in n]
@@ -226,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": args.model,
         "command": "python scripts/train_testbed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "init_tensors_reused": reused,
+        "init": inits,
         "resumed": resumed,
         "data_spec": spec.to_dict() | {"key": spec.key()},
         "params": sum(p.numel() for p in model.parameters()),

@@ -91,3 +91,18 @@ def test_spec_changes_the_named_fields_only(train):
 def test_spec_refuses_what_it_cannot_apply(train, change, message):
     with pytest.raises(SystemExit, match=message):
         train.spec_with([change])
+
+
+def test_a_later_init_overrides_an_earlier_one_and_each_is_recorded(train, tmp_path):
+    from safetensors.torch import save_file
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
+    first, second = tmp_path / "first.safetensors", tmp_path / "second.safetensors"
+    save_file({"0.weight": torch.ones(3, 2), "1.weight": torch.ones(1, 3)}, first)
+    save_file({"1.weight": torch.full((1, 3), 2.0), "1.bias": torch.zeros(7)}, second)  # bias: wrong shape
+    (second.with_suffix(".json")).write_text('{"command": "made by hand"}')
+    inits = [train.init_provenance(p, train.init_from(model, p)) for p in (first, second)]
+    assert torch.equal(model[0].weight, torch.ones(3, 2)) and torch.equal(model[1].weight, torch.full((1, 3), 2.0))
+    assert [i["tensors_reused"] for i in inits] == [2, 1]
+    assert inits[0]["record"] is None and inits[1]["record"] == {"command": "made by hand"}
+    assert len(inits[0]["sha256"]) == 64 and inits[0]["sha256"] != inits[1]["sha256"]
