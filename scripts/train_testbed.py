@@ -57,6 +57,13 @@ def init_from(model: torch.nn.Module, path: Path) -> int:
     return len(shared)
 
 
+def plain_args(args: argparse.Namespace) -> dict:
+    """The parsed arguments as JSON types (paths, also inside lists, as strings)."""
+    def plain(v):
+        return [plain(x) for x in v] if isinstance(v, list) else str(v) if isinstance(v, Path) else v
+    return {k: plain(v) for k, v in vars(args).items()}
+
+
 def init_provenance(path: Path, reused: int) -> dict:
     """What an ``--init`` file was: its hash, how many tensors it gave, and its
     own training record (the ``.json`` beside it) when it has one, so a chain
@@ -243,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     record = {
         "model": args.model,
         "command": "python scripts/train_testbed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "args": plain_args(args),
         "init": inits,
         "resumed": resumed,
         "data_spec": spec.to_dict() | {"key": spec.key()},

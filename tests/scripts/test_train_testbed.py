@@ -106,3 +106,12 @@ def test_a_later_init_overrides_an_earlier_one_and_each_is_recorded(train, tmp_p
     assert [i["tensors_reused"] for i in inits] == [2, 1]
     assert inits[0]["record"] is None and inits[1]["record"] == {"command": "made by hand"}
     assert len(inits[0]["sha256"]) == 64 and inits[0]["sha256"] != inits[1]["sha256"]
+
+
+def test_the_record_takes_every_argument_as_json(train):
+    import json
+
+    args = Namespace(init=[Path("a.safetensors"), Path("b")], out=Path("o"), spec=["max_objects=5"], lr=1e-3,
+                     resume=None)
+    assert json.loads(json.dumps(train.plain_args(args))) == {
+        "init": ["a.safetensors", "b"], "out": "o", "spec": ["max_objects=5"], "lr": 1e-3, "resume": None}
