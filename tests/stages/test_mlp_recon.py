@@ -99,9 +99,8 @@ def test_calibrate_builds_on_mlp_recon(tmp_path, synth_dir, random_tiny_checkpoi
 
 
 # After mlp-recon (GELU -> ReLU, fc1/fc2 reconstructed) the bundled testbed model keeps its float box AP within
-# this many points on the first 40 val images. Measured with the testbed defaults (16 images x 400 iterations,
-# about 15 s): 49.5 -> 49.5 on 100 val images (docs/results.md), 49.7 -> 48.8 on these 40. A quarter of that
-# schedule (8 x 100) gives 46.2, which the margin refuses: the schedule matters.
+# this many points on the first 40 val images. Measured with the testbed defaults (16 images x 400 iterations):
+# 52.3 -> 51.2 on these 40 (docs/results.md has 100 images).
 MLP_RECON_MARGIN = 3.0
 
 
