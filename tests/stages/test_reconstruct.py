@@ -113,7 +113,7 @@ def test_aph_reconstruction_beats_calibration_at_w4a4_on_the_cascade(tmp_path):
     """The bundled cascade at W4A4 with the testbed defaults (16 images x 200 iterations per block).
 
     On this test's 40 val images: 44.5 -> 46.7 box AP (docs/results.md has
-    100 images; docs/results-w4a4.md three seeds).
+    100 images).
     """
     run = tmp_path / "w4a4"
     calibrate(model="tiny-cascade-mask-rcnn", run=run, w_bits=4, a_bits=4)
