@@ -76,6 +76,16 @@ def test_per_class_ap_isolates_a_missed_class_and_averages_to_the_overall_ap(syn
         assert np.mean(list(per_class[iou].values()) + [0.0]) == pytest.approx(metrics[f"{iou}_AP"], abs=0.05)
 
 
+def test_per_class_ap_of_a_model_that_detects_nothing_is_zero(synth_dir):
+    dataset = build_dataset(load_config(resolve_model("tiny-mask-rcnn")), "test", synth_dir)
+    nothing = [([np.zeros((0, 5), np.float32) for _ in dataset.CLASSES], [[] for _ in dataset.CLASSES])
+               for _ in range(len(dataset))]
+    present = {dataset.coco.cats[a["category_id"]]["name"] for a in dataset.coco.loadAnns(
+        dataset.coco.getAnnIds(imgIds=dataset.img_ids))}
+    per_class = per_class_metrics(dataset, nothing)
+    assert per_class == {iou: {c: 0.0 for c in dataset.CLASSES if c in present} for iou in ("bbox", "segm")}
+
+
 def test_limit_restricts_the_evaluated_images(synth_dir):
     dataset = build_dataset(load_config(resolve_model("tiny-mask-rcnn")), "test", synth_dir, limit=2)
     assert len(dataset) == 2 and dataset.img_ids == [d["id"] for d in dataset.data_infos]
