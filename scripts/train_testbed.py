@@ -36,6 +36,7 @@ from aphq_cli.artifacts import atomic_write_text, sha256_file
 from aphq_cli.console import err, metrics_table, progress_bar
 from aphq_cli.data.coco import build_dataset, to_device
 from aphq_cli.data.synth import SynthSpec, ensure_dataset
+from aphq_cli.errors import AphqError
 from aphq_cli.models.checkpoint import read_state_dict, save_checkpoint
 from aphq_cli.models.zoo import WEIGHTS_DIR, build_model, load_config, resolve_model
 from stages.eval import coco_metrics, run_inference
@@ -152,7 +153,10 @@ def spec_with(changes: list[str]) -> SynthSpec:
         except ValueError:
             want = {list: "a comma-separated list of integers", int: "an integer"}.get(kind, "a number")
             raise SystemExit(f"--spec {change!r}: {value!r} is not {want}")
-    return SynthSpec.from_dict(fields)
+    try:
+        return SynthSpec.from_dict(fields)
+    except AphqError as e:  # the spec's own checks, e.g. a size fraction above 1
+        raise SystemExit(f"--spec: {e}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -87,6 +87,7 @@ def test_spec_changes_the_named_fields_only(train):
     ("colour=red", "expected FIELD=VALUE with FIELD one of seed,"),
     ("max_objects=2.5", "'2.5' is not an integer"),
     ("image_sizes=224x256", "is not a comma-separated list of integers"),
+    ("max_object_frac=1.5", "--spec: SynthSpec needs 0 < min_object_frac <= max_object_frac <= 1"),
 ])
 def test_spec_refuses_what_it_cannot_apply(train, change, message):
     with pytest.raises(SystemExit, match=message):
