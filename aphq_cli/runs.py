@@ -17,6 +17,8 @@ import torch
 
 from aphq_cli.errors import AphqError
 
+# Bumps when the estimate itself changes, so older cached estimates are not reused.
+APH_VERSION = 1
 STAGES = ("mlp-recon", "calibrate", "reconstruct")  # in pipeline order; later stages build on earlier ones
 
 
@@ -159,18 +161,17 @@ class ImageSequence:
         return self.dataset[index]["img"][0].unsqueeze(0).to(self.device)
 
 
-def aph_cache(source: ModelSource, dataset, delta: float, extra: str = ""):
-    """The shared APH cache of (checkpoint, images, delta): float-model estimates reused by every run.
+def aph_cache(source: ModelSource, dataset, delta: float):
+    """The shared APH cache of (checkpoint, images, delta): original float-model estimates.
 
-    Args:
-        extra: the mlp-recon artifact's fingerprint when the float model is
-            the one after mlp-recon.
+    mlp-recon and reconstruct both weigh by the APH of the original (GELU)
+    model, so one estimate serves every run on the same images.
     """
     from aphq_cli.artifacts import sha256_json
     from aphq_cli.data.synth import default_cache_root
     from aphq_cli.tensorcache import TensorCache
 
-    key = sha256_json(source.fingerprints(dataset) | {"delta": delta, "mlp_recon": extra})[:16]
+    key = sha256_json(source.fingerprints(dataset) | {"delta": delta, "aph": APH_VERSION})[:16]
     return TensorCache(default_cache_root() / "aph" / key, dtype=torch.float16)
 
 

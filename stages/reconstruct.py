@@ -27,7 +27,8 @@ from aphq_cli.quantconfig import stage_settings
 from aphq_cli.settings import resolve_settings, settings_from_dict, with_arguments
 
 STAGE = "reconstruct"
-CONFIG_VERSION = 1
+# 2: targets, float inputs and APH come from the original float model (not the mlp-recon one)
+CONFIG_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -308,7 +309,10 @@ def reconstruct(*, run: Path, loss: str | None = None, iters: int | None = None,
         return out, True
 
     report = progress or (lambda *a: None)
-    fp = source.build(dev, mlp_recon=Path(mlp) if mlp else None)
+    # The teacher is the original float model (GELU), also after mlp-recon, as in the
+    # published code: its float inputs, targets and APH weights, so reconstruction can
+    # win back what the GELU -> ReLU swap cost. The quantized model keeps the ReLU MLPs.
+    fp = source.build(dev)
     before = {k: v.clone() for k, v in fp.state_dict().items()}
     cache = TensorCache(Path(run) / "reconstruct" / "cache")
     main = distributed.is_main()
@@ -316,7 +320,7 @@ def reconstruct(*, run: Path, loss: str | None = None, iters: int | None = None,
         cache.drop("")
     distributed.barrier()
     caches = UnitCaches(cache, source.images(dataset, dev), dev)
-    aph = aph_cache(source, dataset, config.delta, extra=calib.inputs.get("mlp_recon", ""))
+    aph = aph_cache(source, dataset, config.delta)  # the same estimates mlp-recon uses
     # The calibrate settings (bit-widths) carry over; images are reconstruct's own.
     header = calib.config | source.header(dataset) | {"reconstruct": asdict(config),
                                                       "reconstruct_quant_config": qc_label}

@@ -136,3 +136,43 @@ def test_keep_float_everything_is_the_float_model(bundled_w3a3, bundled_fp40):
     for key in ("bbox_AP", "segm_AP"):
         assert result.metrics[key] == pytest.approx(bundled_fp40[key], abs=0.2), key
     assert records() == before  # not recorded: the run's eval/ holds real stages only
+
+
+def test_the_teacher_is_the_original_float_model_after_mlp_recon(tmp_path, synth_dir, random_tiny_checkpoint,
+                                                                  monkeypatch):
+    """After mlp-recon, a unit's float input and target come from the original (GELU) model.
+
+    The published code hands the model copied before the ReLU swap to the
+    block reconstructor, so reconstruction can win back what the swap cost.
+    """
+    import stages.reconstruct as rec
+    from aphq_cli.runs import ModelSource
+    from stages.mlp_recon import mlp_recon
+
+    monkeypatch.setenv("APHQ_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    mlp_recon(model="tiny-mask-rcnn", run=run, checkpoint=random_tiny_checkpoint, data=synth_dir, settings=SMALL)
+    calibrate(model="tiny-mask-rcnn", run=run, checkpoint=random_tiny_checkpoint, data=synth_dir, calib_images=1,
+              settings=FAST_CALIB)
+    seen = {}
+    real = rec.reconstruct_unit
+
+    def spy(unit, caches, k, *args, **kwargs):
+        if k == 1:  # the first Swin block, after the patch embedding
+            seen["x"], seen["y"], seen["img"] = caches.fp_in(k, 0), caches.target(k, 0), caches.imgs[0]
+        return real(unit, caches, k, *args, **kwargs)
+
+    monkeypatch.setattr(rec, "reconstruct_unit", spy)
+    reconstruct(run=run, loss="mse", settings=SMALL)
+
+    source = ModelSource.open("tiny-mask-rcnn", random_tiny_checkpoint, synth_dir)
+    original = source.build("cpu")
+    relu = source.build("cpu", mlp_recon=run / "mlp_recon.safetensors")
+    block = "layers.0.blocks.0"
+    with torch.no_grad():
+        x = original.backbone.patch_embed(seen["img"])
+        y = original.backbone.get_submodule(block)(x)
+        y_relu = relu.backbone.get_submodule(block)(relu.backbone.patch_embed(seen["img"]))
+    assert torch.allclose(seen["x"], x, atol=1e-5)
+    assert torch.allclose(seen["y"], y, atol=1e-5)
+    assert not torch.allclose(seen["y"], y_relu, atol=1e-3)  # the mlp-recon model would be another teacher
