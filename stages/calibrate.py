@@ -21,7 +21,8 @@ from aphq_cli.settings import resolve_settings, settings_from_dict, with_argumen
 from aphq_cli.quant.calib import SearchSettings
 
 STAGE = "calibrate"
-CONFIG_VERSION = 2  # 2: a folded Swin block pads with -b (float-exact); older artifacts recompute
+# 2: a folded Swin block pads with -b (float-exact); 3: interpolated percentiles. Older artifacts recompute.
+CONFIG_VERSION = 3
 
 
 @dataclass(frozen=True)

@@ -19,11 +19,12 @@ import torch
 from torch import nn
 
 from aphq_cli.errors import AphqError
+from aphq_cli.quant.primitives import row_quantile
 from aphq_cli.quantconfig import stage_settings
 from aphq_cli.settings import resolve_settings, settings_from_dict, with_arguments
 
 STAGE = "mlp-recon"
-CONFIG_VERSION = 1
+CONFIG_VERSION = 2  # 2: ub is an interpolated percentile
 
 
 @dataclass(frozen=True)
@@ -156,7 +157,7 @@ def collect_mlp_io(detector: nn.Module, blocks: list[tuple[str, nn.Module]], ima
     for name, _ in blocks:
         cache.finish(name, len(images))
         values = torch.cat(positives[name])
-        ubs[name] = float(values.kthvalue(max(1, int(round(pct * values.numel())))).values) if values.numel() else 0.0
+        ubs[name] = float(row_quantile(values[None], pct)[0]) if values.numel() else 0.0
     return ubs
 
 

@@ -37,9 +37,35 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -
 
 
 def row_quantile(x: torch.Tensor, q: float) -> torch.Tensor:
-    """Per-row ``q``-quantile of ``(R, K)`` by order statistic (no size limit, unlike torch.quantile)."""
-    k = min(max(int(round(q * (x.shape[1] - 1))) + 1, 1), x.shape[1])
-    return x.kthvalue(k, dim=1).values
+    """Per-row ``q``-quantile of ``(R, K)``, linearly interpolated as ``torch.quantile`` does.
+
+    The value at fractional rank ``q (K - 1)`` between the two order
+    statistics around it. A nearest-rank quantile would collapse the 99.9th
+    percentile of a row of 501 values or fewer onto its max (method.md §3),
+    so every candidate range of most Swin-T weight rows would be the full
+    range. Two ``kthvalue`` calls give the same numbers as ``torch.quantile``
+    without its limit of 16 million elements.
+    """
+    n = x.shape[1]
+    pos = min(max(q, 0.0), 1.0) * (n - 1)
+    below = int(pos)  # floor: pos >= 0
+    frac = pos - below
+    lo = x.kthvalue(below + 1, dim=1).values
+    if frac == 0.0 or below + 1 >= n:
+        return lo
+    hi = x.kthvalue(below + 2, dim=1).values
+    return torch.lerp(lo, hi, torch.tensor(frac, dtype=lo.dtype, device=lo.device))
+
+
+def quantiles_of_sorted(srt: torch.Tensor, qs: torch.Tensor) -> torch.Tensor:
+    """Interpolated quantiles ``qs`` (shape ``(P,)``) of each row of the sorted ``(R, K)``: ``(P, R)``."""
+    n = srt.shape[1]
+    pos = qs.to(torch.float64).clamp(0, 1) * (n - 1)  # float64: exact ranks for millions of values
+    below = pos.floor().long().clamp(max=n - 1)
+    above = (below + 1).clamp(max=n - 1)
+    frac = (pos - below.to(torch.float64)).to(srt.dtype)[:, None]
+    lo, hi = srt[:, below].T, srt[:, above].T
+    return lo + (hi - lo) * frac
 
 
 def candidate_ranges(x: torch.Tensor, pct: float, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,10 +156,9 @@ def head_ranges(x: torch.Tensor, percentiles: list[float]) -> tuple[torch.Tensor
     if rows.shape[1] > 1_000_000:  # order statistics on a fixed, evenly strided subset
         rows = rows[:, :: rows.shape[1] // 1_000_000 + 1]
     srt = rows.sort(dim=1).values
-    n = srt.shape[1]
-    p = torch.tensor(percentiles, device=x.device)
-    up = srt[:, (p * (n - 1)).round().long()].T  # (P, H)
-    down = srt[:, ((1 - p) * (n - 1)).round().long()].T
+    p = torch.tensor(percentiles, device=x.device, dtype=torch.float64)
+    up = quantiles_of_sorted(srt, p)  # (P, H)
+    down = quantiles_of_sorted(srt, 1 - p)
     return down.clamp(max=0), torch.maximum(up.clamp(min=0), down.clamp(max=0) + 1e-8)
 
 

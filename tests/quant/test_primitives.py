@@ -41,11 +41,41 @@ def test_round_ste_gradient_is_identity():
     assert x.grad.tolist() == [1.0, 1.0, 1.0]
 
 
-def test_row_quantile_matches_numpy_lower():
-    x = torch.randn(3, 1001, dtype=torch.float64)
-    for q in (0.001, 0.5, 0.999):
-        ref = np.quantile(x.numpy(), q, axis=1, method="nearest")
-        np.testing.assert_allclose(row_quantile(x, q).numpy(), ref)
+@pytest.mark.parametrize("k", [2, 48, 96, 501, 1001])
+def test_row_quantile_interpolates_like_numpy_linear(k):
+    x = torch.randn(3, k, dtype=torch.float64)
+    for q in (0.0, 0.001, 0.5, 0.999, 1.0):
+        ref = np.quantile(x.numpy(), q, axis=1, method="linear")  # torch.quantile's default
+        np.testing.assert_allclose(row_quantile(x, q).numpy(), ref, rtol=0, atol=1e-12)
+
+
+def test_head_ranges_interpolate_like_numpy_linear():
+    x = torch.randn(2, 3, 7, 5)  # (windows, heads, N, d): 70 values per head
+    pcts = [0.9, 0.999, 1.0]
+    lo, hi = head_ranges(x, pcts)
+    rows = x.transpose(0, 1).reshape(3, -1).double().numpy()
+    np.testing.assert_allclose(hi.numpy(), np.quantile(rows, pcts, axis=1, method="linear").clip(0), atol=1e-6)
+    np.testing.assert_allclose(lo.numpy(), np.quantile(rows, [1 - p for p in pcts], axis=1).clip(None, 0),
+                               atol=1e-6)
+
+
+def test_a_short_row_with_an_outlier_gets_a_range_inside_its_min_max():
+    """96 values and one outlier: the 99.9th percentile lies below the max, and the search uses it.
+
+    A nearest-rank percentile of 96 values is the max itself, so every
+    candidate would be the full range and the outlier would stretch the grid.
+    """
+    torch.manual_seed(0)
+    row = torch.randn(1, 96) * 0.05
+    row[0, 7] = 1.0  # the outlier
+    lo, hi = candidate_ranges(row, 0.999, 8)
+    assert float(hi[0, 0]) < 1.0 and float(hi[0, 0]) == pytest.approx(float(np.quantile(row.numpy(), 0.999)))
+    s, z = search_rowwise(row, 4)
+    full_s = (row.max() - row.min()) / 15  # the min/max quantizer the old percentile always gave
+    full_z = torch.round(-row.min() / full_s)
+    err = (fake_quantize(row, s[:, None], z[:, None], 4) - row).pow(2).mean()
+    err_full = (fake_quantize(row, full_s, full_z, 4) - row).pow(2).mean()
+    assert float(s[0]) < float(full_s) and float(err) < float(err_full)
 
 
 def test_candidate_ranges_span_percentile_to_full():
