@@ -87,6 +87,10 @@ DeviceOpt = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N.")
 QuantConfigOpt = typer.Option(None, "--quant-config", "-q",
                               help="TOML/YAML file of stage settings, or a preset name (4bit: the paper's "
                                    "published configuration). Options given here override single keys.")
+CalibSplitOpt = typer.Option(
+    None, "--calib-split",
+    help="Where calibration/reconstruction images come from: train (default: the training split) or val "
+         "(the published protocol: the first annotated images of the evaluation split).")
 TrustOpt = typer.Option(False, "--trust-checkpoint",
                         help="Load a pickled checkpoint that torch.load(weights_only=True) refuses. "
                              "Only for files you trust: unpickling can run code.")
@@ -142,6 +146,7 @@ def calibrate_cmd(
         None, "--calib-images", help="First N training images (default: 1, as the paper; testbed: its config)."),
     image_list: Optional[Path] = typer.Option(
         None, "--image-list", help="Text file of training image ids to calibrate on instead, one per line."),
+    calib_split: Optional[str] = CalibSplitOpt,
     checkpoint: Optional[Path] = CheckpointOpt,
     data: Optional[Path] = DataOpt,
     device: str = DeviceOpt,
@@ -153,7 +158,7 @@ def calibrate_cmd(
     from stages.calibrate import calibrate
 
     run_stage(calibrate, "calibrate: layers", model=model, run=run, w_bits=w_bits, a_bits=a_bits,
-              calib_images=calib_images, image_list=image_list, checkpoint=checkpoint, data=data, device=device,
+              calib_images=calib_images, image_list=image_list, calib_split=calib_split, checkpoint=checkpoint, data=data, device=device,
               force=force, trust_checkpoint=trust_checkpoint, quant_config=quant_config)
 
 
@@ -164,6 +169,7 @@ def mlp_recon_cmd(
     run: Path = typer.Option(..., "--run", "-r", help="Run folder; writes RUN/mlp_recon.safetensors."),
     iters: Optional[int] = typer.Option(None, "--iters", help="Adam steps per block (default 20000; testbed: its config)."),
     images: Optional[int] = typer.Option(None, "--images", help="Reconstruction images (default 256; testbed: its config)."),
+    calib_split: Optional[str] = CalibSplitOpt,
     checkpoint: Optional[Path] = CheckpointOpt,
     data: Optional[Path] = DataOpt,
     device: str = DeviceOpt,
@@ -174,7 +180,7 @@ def mlp_recon_cmd(
     """Replace GELU with ReLU in every Swin MLP and reconstruct fc1/fc2 block by block (resumable)."""
     from stages.mlp_recon import mlp_recon
 
-    run_stage(mlp_recon, model=model, run=run, iters=iters, images=images, checkpoint=checkpoint, data=data,
+    run_stage(mlp_recon, model=model, run=run, iters=iters, images=images, calib_split=calib_split, checkpoint=checkpoint, data=data,
               device=device, force=force, trust_checkpoint=trust_checkpoint, quant_config=quant_config)
 
 
@@ -185,6 +191,7 @@ def reconstruct_cmd(
     loss: Optional[str] = typer.Option(None, "--loss", help="aph (default), mse, fisher or none."),
     iters: Optional[int] = typer.Option(None, "--iters", help="Iterations per unit (default 20000; testbed: its config)."),
     images: Optional[int] = typer.Option(None, "--images", help="Reconstruction images (default 256; testbed: its config)."),
+    calib_split: Optional[str] = CalibSplitOpt,
     device: str = DeviceOpt,
     force: bool = typer.Option(False, "--force", help="Recompute every unit even if finished."),
     quant_config: Optional[str] = QuantConfigOpt,
@@ -193,7 +200,7 @@ def reconstruct_cmd(
     """Block-wise AdaRound reconstruction with APH weights (resumable per unit)."""
     from stages.reconstruct import reconstruct
 
-    run_stage(reconstruct, run=run, loss=loss, iters=iters, images=images, device=device, force=force,
+    run_stage(reconstruct, run=run, loss=loss, iters=iters, images=images, calib_split=calib_split, device=device, force=force,
               trust_checkpoint=trust_checkpoint, quant_config=quant_config)
 
 

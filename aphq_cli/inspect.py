@@ -59,7 +59,7 @@ class StageStatus:
 def run_status(run: Path) -> list[StageStatus]:
     """Each pipeline stage of ``run``: present, current or stale (which input changed), progress."""
     from aphq_cli.artifacts import read_header, sha256_file
-    from aphq_cli.runs import STAGES, ModelSource, stage_path
+    from aphq_cli.runs import STAGES, ModelSource, image_protocol, stage_path
 
     if not Path(run).is_dir():
         raise AphqError(f"run folder {run} does not exist")
@@ -79,7 +79,7 @@ def run_status(run: Path) -> list[StageStatus]:
         else:
             try:
                 source = ModelSource.open(cfg["model"], ckpt, Path(cfg["data"]) if cfg["data"] else None)
-                dataset = source.dataset("calib", image_ids=cfg["image_ids"])
+                dataset = source.calibration_dataset(cfg.get("calib_split", "train"), image_ids=cfg["image_ids"])
                 if source.fingerprints(dataset)["data"] != header.inputs.get("data"):
                     changed.append("data")
             except AphqError:
@@ -87,7 +87,9 @@ def run_status(run: Path) -> list[StageStatus]:
         mlp = cfg.get("mlp_recon_artifact")
         if mlp and (not Path(mlp).is_file() or sha256_file(mlp) != header.inputs.get("mlp_recon")):
             changed.append("mlp-recon artifact")
-        detail = f"{cfg['model']}, checkpoint {ckpt.name}, {len(cfg['image_ids'])} image(s)"
+        protocol = image_protocol(cfg)
+        images = "published val-split images" if protocol == "val" else f"images: {protocol}"
+        detail = f"{cfg['model']}, checkpoint {ckpt.name}, {len(cfg['image_ids'])} image(s) ({images})"
         if "calibrate" in cfg:
             detail += f", W{cfg['calibrate']['w_bits']}A{cfg['calibrate']['a_bits']}"
         if changed:

@@ -4,6 +4,7 @@ A config file sets any field of the three stages' settings::
 
     w_bits = 4            # top-level bit-widths belong to calibrate
     a_bits = 4
+    calib_split = "val"   # top-level: every stage's images (here the published protocol)
 
     [calibrate]
     calib_images = 1
@@ -39,6 +40,8 @@ from aphq_cli.errors import AphqError
 PRESETS_DIR = Path(__file__).parent / "presets"
 SECTIONS = ("calibrate", "mlp_recon", "reconstruct")
 TOP_LEVEL = {"w_bits": "calibrate", "a_bits": "calibrate"}
+# Top-level keys that set the same field of every stage: one image protocol per pipeline.
+EVERY_STAGE = ("calib_split",)
 
 # The original project's option names -> (section, field). optim_size sets the
 # number of images of both reconstructions, as it does there.
@@ -116,6 +119,9 @@ def sections_of(data: dict, source: str) -> dict[str, dict[str, Any]]:
             out[key.replace("-", "_")].update(value)
         elif key in TOP_LEVEL:
             out[TOP_LEVEL[key]][key] = value
+        elif key in EVERY_STAGE:
+            for section in SECTIONS:
+                out[section][key] = value
         elif key in LEGACY_KEYS:
             for section, name in LEGACY_KEYS[key]:
                 out[section][name] = value
@@ -130,7 +136,7 @@ def sections_of(data: dict, source: str) -> dict[str, dict[str, Any]]:
                                 f"this tool implements {key} = {LEGACY_FIXED[key]!r} only")
         else:
             raise AphqError(f"quant config {source}: unknown key {key!r} (expected "
-                            f"{', '.join(SECTIONS + tuple(TOP_LEVEL))} or the original project's names)")
+                            f"{', '.join(SECTIONS + tuple(TOP_LEVEL) + EVERY_STAGE)} or the original project's names)")
     return out
 
 

@@ -18,7 +18,7 @@ import torch
 from aphq_cli.errors import AphqError
 
 # Bumps when the estimate itself changes, so older cached estimates are not reused.
-APH_VERSION = 1
+APH_VERSION = 2  # 2: the box term averages over every element of a level (method.md §4)
 STAGES = ("mlp-recon", "calibrate", "reconstruct")  # in pipeline order; later stages build on earlier ones
 
 
@@ -76,6 +76,11 @@ class ModelSource:
         from aphq_cli.data.coco import build_dataset
         return build_dataset(self.cfg, split, self.data, limit=limit, image_ids=image_ids)
 
+    def calibration_dataset(self, protocol: str, limit: int | None = None, image_ids=None):
+        """Calibration or reconstruction images: ``train`` (default) or the published ``val`` protocol."""
+        from aphq_cli.data.coco import calibration_dataset
+        return calibration_dataset(self.cfg, protocol, self.data, limit=limit, image_ids=image_ids)
+
     def fingerprints(self, dataset) -> dict[str, str]:
         from aphq_cli.artifacts import sha256_file
         from aphq_cli.data.coco import fingerprint_dataset
@@ -88,10 +93,14 @@ class ModelSource:
         builtin = Path(self.spec.config).parent == CONFIG_DIR
         return self.spec.name if builtin else str(Path(self.spec.config).resolve())
 
-    def header(self, dataset) -> dict:
-        """What an artifact records so that :func:`load_stage` can rebuild the model."""
+    def header(self, dataset, calib_split: str = "train") -> dict:
+        """What an artifact records so that :func:`load_stage` can rebuild the model.
+
+        ``calib_split`` is the protocol the stage's images came from, so a
+        result says whether it used the published val-split images.
+        """
         return {"model": self.model_id, "checkpoint": str(self.checkpoint), "data": str(self.data or ""),
-                "image_ids": [int(i) for i in dataset.img_ids]}
+                "image_ids": [int(i) for i in dataset.img_ids], "calib_split": calib_split}
 
     def check_run(self, run: Path) -> None:
         """Refuse a run folder whose artifacts were made from another model, checkpoint or data.
@@ -173,6 +182,19 @@ def aph_cache(source: ModelSource, dataset, delta: float):
 
     key = sha256_json(source.fingerprints(dataset) | {"delta": delta, "aph": APH_VERSION})[:16]
     return TensorCache(default_cache_root() / "aph" / key, dtype=torch.float16)
+
+
+def image_protocol(config: dict) -> str:
+    """Which images a stage header's pipeline used: ``train``, ``val``, or e.g. ``calibrate val, reconstruct train``.
+
+    Headers written before the protocol was recorded used the training split.
+    """
+    used = {stage: config[stage].get("calib_split", "train")
+            for stage in ("mlp_recon", "calibrate", "reconstruct") if isinstance(config.get(stage), dict)}
+    kinds = set(used.values()) or {config.get("calib_split", "train")}
+    if len(kinds) == 1:
+        return kinds.pop()
+    return ", ".join(f"{stage.replace('_', '-')} {kind}" for stage, kind in used.items())
 
 
 def newest_stage(run: Path) -> str:

@@ -54,6 +54,7 @@ class Step:
     peak_rss_mib: float
     metrics: dict[str, float] = field(default_factory=dict)
     artifact_mib: float | None = None
+    variant: str = ""  # --variant: which code or settings, for a change measured alone
 
 
 class Bench:
@@ -68,11 +69,14 @@ class Bench:
         command = [sys.executable, "-m", "aphq_cli", *argv]
         if json_out is not None:
             command += ["--json", str(json_out)]
+        if self.args.variant:
+            label = f"{label} [{self.args.variant}]"
         print("$ aphq " + " ".join(argv), file=sys.stderr, flush=True)
         log = self.args.runs / ".step.log"
         start = time.perf_counter()
         with open(log, "w") as sink:
-            child = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=sink)
+            # cwd first on sys.path: `--code DIR` runs that checkout's aphq (an earlier commit).
+            child = subprocess.Popen(command, cwd=self.args.code, stdout=subprocess.DEVNULL, stderr=sink)
             # wait4 gives this child's own rusage: ru_maxrss is its peak resident set (KiB on Linux).
             _, status, usage = os.wait4(child.pid, 0)
         seconds = time.perf_counter() - start
@@ -84,9 +88,19 @@ class Bench:
         metrics = json.loads(Path(json_out).read_text()) if json_out is not None else {}
         metrics = {k: v for k, v in metrics.items() if k.startswith(("bbox_", "segm_"))}
         size = artifact.stat().st_size / 2**20 if artifact is not None and artifact.is_file() else None
-        step = Step(model, label, argv, round(seconds, 1), rss, metrics, None if size is None else round(size, 2))
+        step = Step(model, label, argv, round(seconds, 1), rss, metrics, None if size is None else round(size, 2),
+                    self.args.variant)
         self.steps.append(step)
         return step
+
+def commit(code: Path) -> str:
+    """The short commit of checkout ``code``, ``+changes`` when its tracked files differ from it."""
+    def git(*argv: str) -> str:
+        return subprocess.run(["git", "-C", str(code), *argv], capture_output=True, text=True).stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD")
+    return head + ("+changes" if head and git("status", "--porcelain", "--untracked-files=no") else "")
+
 
 def machine(device: str) -> str:
     import torch
@@ -107,6 +121,19 @@ def model_args(args: argparse.Namespace) -> list[str]:
     if args.data is not None:
         out += ["--data", str(args.data)]
     return out
+
+
+def toml_setting(item: str, ap: argparse.ArgumentParser) -> tuple[str, str]:
+    """``KEY=VALUE`` as a TOML line's key and value: numbers and booleans as they are, anything else quoted."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        ap.error(f"--recon-set takes KEY=VALUE, got {item!r}")
+    try:
+        float(value)
+    except ValueError:
+        if value not in ("true", "false"):
+            value = json.dumps(value)
+    return key, value
 
 
 def seed_config(folder: Path, seed: int, extra: dict) -> Path:
@@ -166,7 +193,7 @@ def bench_model(b: Bench, model: str) -> None:
                            "--run", str(run), "--w-bits", str(bits), "--a-bits", str(bits), *margs, *dev)
                 else:
                     shutil.copytree(calib_run, run, ignore=shutil.ignore_patterns("eval", "eval.json"))
-                qc = seed_config(run, seed, {})
+                qc = seed_config(run, seed, args.recon_set)
                 b.aphq(model, f"{tag} reconstruct {method} (stage)", "reconstruct", "--run", str(run), "--loss", loss,
                        "--quant-config", str(qc), *recon_opts, *dev, artifact=run / "reconstruct.safetensors")
                 b.aphq(model, f"{tag} {method}", "eval", "--run", str(run), *dev, *lim, json_out=run / "eval.json")
@@ -236,24 +263,63 @@ def summarize(steps: list[Step]) -> dict:
     return out
 
 
+def loss_panels(summary: dict) -> list[tuple[str, list[tuple[str, dict]]]]:
+    """``(title, [(method, row), ...])`` per model and bit-width: what the plot compares.
+
+    Each quantized setting (``W4A4 aph``) goes to its model's panel for that
+    bit-width; breakdown rows (``..., float heads``) and the export stay out,
+    so each panel holds methods that differ only in what is compared.
+    """
+    panels: dict[str, list[tuple[str, dict]]] = {}
+    for model, rows in summary.items():
+        for label, row in rows.items():
+            tag, _, method = label.partition(" ")
+            if not (tag.startswith("W") and "A" in tag) or "," in method or method.startswith("export"):
+                continue
+            panels.setdefault(f"{model} {tag}", []).append((method, row))
+    return list(panels.items())
+
+
 def plot(summary: dict, path: Path) -> None:
+    """AP lost against the float model per method, with the seed spread, one panel per model and bit-width.
+
+    The axis spans each panel's own range (not from 0), with a grid line per
+    point, so a 1-point difference between methods is visible.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MultipleLocator
 
-    fig, axes = plt.subplots(1, len(summary), figsize=(7 * len(summary), 4.5), squeeze=False)
-    for ax, (model, rows) in zip(axes[0], summary.items()):
-        labels = list(rows)
-        x = range(len(labels))
-        box = [rows[k]["bbox_AP"] for k in labels]
-        mask = [rows[k]["segm_AP"] for k in labels]
-        ax.bar([i - 0.2 for i in x], box, 0.4, yerr=[rows[k]["bbox_AP_spread"] for k in labels], label="box AP")
-        ax.bar([i + 0.2 for i in x], mask, 0.4, yerr=[rows[k]["segm_AP_spread"] for k in labels], label="mask AP")
-        ax.set_xticks(list(x), labels, rotation=45, ha="right", fontsize=8)
-        ax.set_title(model)
-        ax.set_ylabel("AP (%)")
-        ax.legend(fontsize=8)
+    panels = loss_panels(summary)
+    if not panels:
+        return
+    cols = min(3, len(panels))
+    rows_n = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(5.2 * cols, 0.5 + 0.55 * max(len(p) for _, p in panels) * rows_n
+                                                     + 1.2 * rows_n), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (title, entries) in zip(axes.flat, panels):
+        model = title.split(" ")[0]
+        fp = summary[model].get("FP")
+        y = list(range(len(entries)))[::-1]
+        lo, hi = 0.0, 0.0
+        for offset, key, name in ((0.15, "bbox_AP", "box"), (-0.15, "segm_AP", "mask")):
+            ref = fp[key] if fp else 0.0
+            vals = [row[key] - ref for _, row in entries]
+            errs = [row[key + "_spread"] for _, row in entries]
+            ax.errorbar(vals, [v + offset for v in y], xerr=errs, fmt="o", capsize=3, label=f"{name} AP")
+            lo, hi = min(lo, *(v - e for v, e in zip(vals, errs))), max(hi, *(v + e for v, e in zip(vals, errs)))
+        ax.set_yticks(y, [f"{m} (n={row['n']})" for m, row in entries], fontsize=8)
+        ax.set_xlim(lo - 0.5, hi + 0.5)
+        ax.xaxis.set_major_locator(MultipleLocator(1 if hi - lo < 12 else 5))
+        ax.grid(axis="x", alpha=0.4)
+        ax.axvline(0, color="k", lw=0.8)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("AP minus float AP (points)" if fp else "AP (%)")
+        ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -265,8 +331,9 @@ def write_markdown(args, steps: list[Step], summary: dict, commands: list[dict],
         "",
         "Written by `benchmarks/run.py`; every number here comes from these runs of it:",
         "",
-        *[f"- `python benchmarks/run.py {' '.join(c['argv'])}`: {c['machine']}; started {c['started']}, "
-          f"took {c['seconds'] / 60:.1f} min." for c in commands],
+        *[f"- `python benchmarks/run.py {' '.join(c['argv'])}`: {c['machine']}; "
+          + (f"aphq at commit {c['commit']}; " if c.get("commit") else "")
+          + f"started {c['started']}, took {c['seconds'] / 60:.1f} min." for c in commands],
         "",
         "Evaluation on the val images each command's `--limit` names (all of them without it); reconstruct seeds "
         "as its `--seeds` name (0 without it). With several seeds the table shows mean ± population spread.",
@@ -308,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=None, help="evaluate the first N val images")
     ap.add_argument("--recon-iters", type=int, default=None, help="reconstruct --iters (default: the model's)")
     ap.add_argument("--recon-images", type=int, default=None, help="reconstruct --images (default: the model's)")
+    ap.add_argument("--recon-set", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="further [reconstruct] settings for every reconstruction, e.g. qdrop_scope=all")
     ap.add_argument("--mlp-eval", action="store_true", help="measure FP after mlp-recon even without mlp+aph")
     ap.add_argument("--export", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--breakdown", action="store_true",
@@ -319,15 +388,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, default=None)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--runs", type=Path, default=Path("runs/bench"))
+    ap.add_argument("--code", type=Path, default=ROOT,
+                    help="the checkout whose aphq runs (e.g. a git worktree of an earlier commit, to measure one "
+                         "change alone); its commit is recorded")
+    ap.add_argument("--variant", default="",
+                    help="a name appended to every row's label ([NAME]); with --merge, rows of other variants stay")
     ap.add_argument("--out", type=Path, default=Path("docs/results.md"))
     args = ap.parse_args(argv)
     args.scaling_points = [tuple(int(v) for v in p.split("x")) for p in args.scaling_points]
+    args.recon_set = dict(toml_setting(item, ap) for item in args.recon_set)
     if args.grid:
         args.grid = [(int(g.split(":")[0]), g.split(":")[1].split(",")) for g in args.grid]
         bad = {m for _, ms in args.grid for m in ms} - set(METHODS)
         if bad:
             ap.error(f"unknown method(s) {', '.join(sorted(bad))}; choose from {', '.join(METHODS)}")
     args.runs = args.runs.resolve()
+    args.code = args.code.resolve()
     args.runs.mkdir(parents=True, exist_ok=True)
 
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
@@ -341,12 +417,14 @@ def main(argv: list[str] | None = None) -> int:
 
     out = args.out
     this = {"argv": sys.argv[1:] if argv is None else argv, "machine": machine(args.device), "started": started,
-            "seconds": round(total, 1), "models": args.models}
+            "seconds": round(total, 1), "models": args.models, "variant": args.variant, "commit": commit(args.code)}
     steps, commands, checkpoints = list(bench.steps), [this], dict(bench.checkpoints)
     if args.merge and out.with_suffix(".json").is_file():
         old = json.loads(out.with_suffix(".json").read_text())
-        steps = [Step(**s) for s in old["steps"] if s["model"] not in args.models] + steps
-        commands = [c for c in old["commands"] if set(c["models"]) - set(args.models)] + commands
+        mine = lambda model, variant: model in args.models and variant == args.variant  # noqa: E731
+        steps = [Step(**s) for s in old["steps"] if not mine(s["model"], s.get("variant", ""))] + steps
+        commands = [c for c in old["commands"]
+                    if any(not mine(m, c.get("variant", "")) for m in c["models"])] + commands
         checkpoints = {m: v for m, v in old.get("checkpoints", {}).items() if m not in args.models} | checkpoints
     summary = summarize(steps)
     png = out.with_suffix(".png")

@@ -15,14 +15,16 @@ from pathlib import Path
 
 import torch
 
+from aphq_cli.data.coco import check_calib_split
 from aphq_cli.errors import AphqError
 from aphq_cli.quantconfig import stage_settings
 from aphq_cli.settings import resolve_settings, settings_from_dict, with_arguments
 from aphq_cli.quant.calib import SearchSettings
 
 STAGE = "calibrate"
-# 2: a folded Swin block pads with -b (float-exact); 3: interpolated percentiles. Older artifacts recompute.
-CONFIG_VERSION = 3
+# 2: a folded Swin block pads with -b (float-exact); 3: interpolated percentiles; 4: conv_logits
+# quantized, matmul windows sampled over the whole image. Older artifacts recompute.
+CONFIG_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -32,16 +34,20 @@ class CalibrateConfig(SearchSettings):
     Attributes:
         calib_images: the first N training images (test pipeline). The paper
             uses 1 for COCO; testbed configs set their own default.
+        calib_split: ``train`` (default), or ``val``: the published protocol,
+            which calibrates on the first annotated image of the evaluation split.
         version: bumps when a setting's meaning changes.
     """
 
     calib_images: int = 1
+    calib_split: str = "train"
     version: int = field(default=CONFIG_VERSION)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.calib_images < 1:
             raise AphqError(f"--calib-images must be at least 1, got {self.calib_images}")
+        check_calib_split(self.calib_split)
 
 
 
@@ -51,7 +57,7 @@ def resolve_config(cfg, overrides: dict, file_values: dict | None = None) -> Cal
 
 
 def calibrate(*, model: str, run: Path, w_bits: int | None = None, a_bits: int | None = None,
-              calib_images: int | None = None, checkpoint: Path | None = None, data: Path | None = None,
+              calib_images: int | None = None, calib_split: str | None = None, checkpoint: Path | None = None, data: Path | None = None,
               image_list: Path | None = None, device: str = "cpu", force: bool = False,
               trust_checkpoint: bool = False, settings: dict | None = None, quant_config: str | Path | None = None,
               progress=None) -> tuple[Path, bool]:
@@ -60,7 +66,7 @@ def calibrate(*, model: str, run: Path, w_bits: int | None = None, a_bits: int |
     Args:
         model: built-in name or mmdetection config path.
         run: the run folder.
-        w_bits, a_bits, calib_images: override the config defaults.
+        w_bits, a_bits, calib_images, calib_split: override the config defaults.
         image_list: a text file of training image ids (one per line) to
             calibrate on instead of the first ``calib_images`` images.
         settings: further :class:`CalibrateConfig` fields.
@@ -75,16 +81,17 @@ def calibrate(*, model: str, run: Path, w_bits: int | None = None, a_bits: int |
     from aphq_cli.artifacts import is_current, read_header, save_artifact, sha256_file
     from aphq_cli.runs import ModelSource, prepare_run, stage_path
 
-    overrides = with_arguments(settings, w_bits=w_bits, a_bits=a_bits, calib_images=calib_images)
+    overrides = with_arguments(settings, w_bits=w_bits, a_bits=a_bits, calib_images=calib_images,
+                               calib_split=calib_split)
     qc_label, qc_values = stage_settings(quant_config, STAGE)
     settings_from_dict(CalibrateConfig, qc_values | overrides, STAGE)  # fail fast, before loading anything
     source = ModelSource.open(model, checkpoint, data, trust_checkpoint=trust_checkpoint)
     config = resolve_config(source.cfg, overrides, qc_values)
     if image_list is not None:
-        dataset = source.dataset("calib", image_ids=read_image_list(image_list))
+        dataset = source.calibration_dataset(config.calib_split, image_ids=read_image_list(image_list))
         config = settings_from_dict(CalibrateConfig, {**asdict(config), "calib_images": len(dataset)}, STAGE)
     else:
-        dataset = source.dataset("calib", limit=config.calib_images)
+        dataset = source.calibration_dataset(config.calib_split, limit=config.calib_images)
     out = stage_path(prepare_run(run), STAGE)
     source.check_run(run)
     if out.is_file() and not force:
@@ -104,7 +111,7 @@ def calibrate(*, model: str, run: Path, w_bits: int | None = None, a_bits: int |
 
     detector, params_before = build_calibrated(source, config, dataset, device, mlp_recon=mlp, progress=progress)
     tensors = quantized_tensors(detector, params_before)
-    header = source.header(dataset) | {"calibrate": asdict(config),
+    header = source.header(dataset, config.calib_split) | {"calibrate": asdict(config),
                                        "mlp_recon_artifact": str(mlp.resolve()) if mlp else "",
                                        "quant_config": qc_label}
     save_artifact(out, tensors, stage=STAGE, config=header, inputs=inputs,

@@ -31,6 +31,10 @@ class EvalResult:
         per_class: ``{"bbox": {class: AP}, "segm": {...}}`` in percent, when
             asked for (``--per-class``); a class with no ground truth in the
             evaluated images is left out.
+        calib_split: for a quantized model, where its calibration and
+            reconstruction images came from (``train``, or ``val``: the
+            published protocol, whose images are among those evaluated);
+            empty for a float model.
     """
 
     metrics: dict[str, float]
@@ -42,6 +46,7 @@ class EvalResult:
     log: str = field(default="", repr=False)
     reused: bool = field(default=False, repr=False)
     per_class: dict[str, dict[str, float]] | None = None
+    calib_split: str = ""
 
     def to_json(self) -> dict:
         out = dict(self.metrics)
@@ -189,7 +194,7 @@ def evaluate(*, model: str = "tiny-mask-rcnn", checkpoint: Path | None = None, d
     from aphq_cli import distributed
     from aphq_cli.artifacts import sha256_file
     from aphq_cli.devices import resolve_device
-    from aphq_cli.runs import ModelSource, load_stage, newest_stage, stage_path
+    from aphq_cli.runs import ModelSource, image_protocol, load_stage, newest_stage, stage_path
 
     if keep_float and artifact is None and run is None:
         raise AphqError("--keep-float applies to a quantized model: give --run or --artifact")
@@ -201,9 +206,11 @@ def evaluate(*, model: str = "tiny-mask-rcnn", checkpoint: Path | None = None, d
         dataset = _test_split(cfg, data if data is not None else (Path(recorded) if recorded else None), limit)
         label, weights = f"{header.config['model']} [export]", str(artifact)
         name, made_from = "export", Path(artifact)
+        protocol = header.config.get("calib_split", "train")
     elif run is not None:
         stage = stage or newest_stage(run)
-        detector, source, _ = load_stage(run, stage, dev, trust_checkpoint=trust_checkpoint)
+        detector, source, header = load_stage(run, stage, dev, trust_checkpoint=trust_checkpoint)
+        protocol = image_protocol(header.config)
         dataset = _test_split(source.cfg, data if data is not None else source.data, limit)
         label, weights = f"{source.spec.name} [{stage}]", str(source.checkpoint)
         name, made_from, record_run = stage, stage_path(run, stage), run
@@ -214,6 +221,7 @@ def evaluate(*, model: str = "tiny-mask-rcnn", checkpoint: Path | None = None, d
         detector = source.build(dev)
         label, weights = f"{source.spec.name} [fp]", str(source.checkpoint)
         name, made_from = "fp", source.checkpoint
+        protocol = ""
     if keep_float:
         from aphq_cli.quant.wrap import keep_float as turn_off
         try:
@@ -234,7 +242,7 @@ def evaluate(*, model: str = "tiny-mask-rcnn", checkpoint: Path | None = None, d
 
     metrics, log, classes = distributed.broadcast(score() if distributed.is_main() else None)
     result = EvalResult(metrics, label, weights, str(Path(dataset.ann_file).parent.parent), len(dataset),
-                        round(time.perf_counter() - start, 2), log, per_class=classes)
+                        round(time.perf_counter() - start, 2), log, per_class=classes, calib_split=protocol)
     if not distributed.is_main():
         return result
     if json_path is not None:
@@ -268,7 +276,8 @@ def read_eval_record(path: Path) -> tuple[EvalResult, dict] | None:
         per_class = data.get("per_class")
         if per_class is not None:
             per_class = {iou: {c: float(v) for c, v in aps.items()} for iou, aps in per_class.items()}
-        return EvalResult(metrics, **fields, reused=True, per_class=per_class), key
+        return EvalResult(metrics, **fields, reused=True, per_class=per_class,
+                          calib_split=str(data.get("calib_split", ""))), key
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

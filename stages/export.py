@@ -76,7 +76,7 @@ def export(*, run: Path, out: Path, stage: str | None = None, trust_checkpoint: 
     from torch import nn
 
     from aphq_cli.artifacts import is_current, save_artifact, sha256_file
-    from aphq_cli.runs import load_stage, newest_stage, stage_path
+    from aphq_cli.runs import image_protocol, load_stage, newest_stage, stage_path
 
     stage = stage or newest_stage(run)
     if stage == "mlp-recon":
@@ -94,6 +94,7 @@ def export(*, run: Path, out: Path, stage: str | None = None, trust_checkpoint: 
         "model": header.config["model"],
         "data": header.config["data"],
         "source_stage": stage,
+        "calib_split": image_protocol(header.config),
         "w_bits": bits["w_bits"],
         "a_bits": bits["a_bits"],
         "relu_mlp_blocks": relu,

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from aphq_cli.data.coco import check_calib_split
 from aphq_cli.errors import AphqError
 from aphq_cli.quant.primitives import row_quantile
 from aphq_cli.quantconfig import stage_settings
@@ -39,6 +40,7 @@ class MlpReconConfig:
         pct: ub is this percentile of the positive float fc2 inputs.
         delta: APH perturbation.
         seed: image order.
+        calib_split: where the images come from (``train``, or ``val``: the published protocol).
     """
 
     iters: int = 20000
@@ -48,6 +50,7 @@ class MlpReconConfig:
     pct: float = 0.999
     delta: float = 1e-3
     seed: int = 0
+    calib_split: str = "train"
     version: int = field(default=CONFIG_VERSION)
 
     def __post_init__(self) -> None:
@@ -58,6 +61,7 @@ class MlpReconConfig:
             raise AphqError(f"lr must be positive, got {self.lr}")
         if not 0.5 < self.pct <= 1.0:
             raise AphqError(f"pct must be in (0.5, 1], got {self.pct}")
+        check_calib_split(self.calib_split)
 
 
 
@@ -173,6 +177,7 @@ def apply_mlp_recon(detector: nn.Module, tensors: dict[str, torch.Tensor]) -> No
 
 
 def mlp_recon(*, model: str, run: Path, iters: int | None = None, images: int | None = None,
+              calib_split: str | None = None,
               checkpoint: Path | None = None, data: Path | None = None, device: str = "cpu",
               force: bool = False, trust_checkpoint: bool = False, settings: dict | None = None,
               quant_config: str | Path | None = None, progress=None) -> tuple[Path, bool]:
@@ -190,12 +195,12 @@ def mlp_recon(*, model: str, run: Path, iters: int | None = None, images: int | 
     from aphq_cli.runs import ModelSource, aph_cache, prepare_run, stage_path
     from aphq_cli.tensorcache import TensorCache
 
-    overrides = with_arguments(settings, iters=iters, images=images)
+    overrides = with_arguments(settings, iters=iters, images=images, calib_split=calib_split)
     qc_label, qc_values = stage_settings(quant_config, STAGE)
     settings_from_dict(MlpReconConfig, qc_values | overrides, STAGE)  # fail fast, before loading anything
     source = ModelSource.open(model, checkpoint, data, trust_checkpoint=trust_checkpoint)
     config = resolve_config(source.cfg, overrides, qc_values)
-    dataset = source.dataset("calib", limit=config.images)
+    dataset = source.calibration_dataset(config.calib_split, limit=config.images)
     out = stage_path(prepare_run(run), STAGE)
     source.check_run(run)
     inputs = source.fingerprints(dataset) | {"options": sha256_json(asdict(config))}
@@ -210,7 +215,7 @@ def mlp_recon(*, model: str, run: Path, iters: int | None = None, images: int | 
     block_dir = Path(run) / "mlp_recon" / "blocks"
     io_cache = TensorCache(Path(run) / "mlp_recon" / "cache")
     aph = aph_cache(source, dataset, config.delta)
-    header = source.header(dataset) | {"mlp_recon": asdict(config), "quant_config": qc_label}
+    header = source.header(dataset, config.calib_split) | {"mlp_recon": asdict(config), "quant_config": qc_label}
 
     # Under torchrun: rank 0 alone caches the MLP inputs (one float forward per image for all
     # blocks) and trains; every rank computes its share of the APH estimates.

@@ -22,12 +22,15 @@ from typing import Callable
 import torch
 from torch import nn
 
+from aphq_cli.data.coco import check_calib_split
 from aphq_cli.errors import AphqError
 from aphq_cli.quantconfig import stage_settings
 from aphq_cli.settings import resolve_settings, settings_from_dict, with_arguments
 
 STAGE = "reconstruct"
-# 2: targets, float inputs and APH come from the original float model (not the mlp-recon one)
+# 2: targets, float inputs and APH come from the original float model (not the mlp-recon one);
+# QDrop on Linear inputs only, drop_prob keeps the quantized value; summed APH loss; one FPN mean;
+# images in order.
 CONFIG_VERSION = 2
 
 
@@ -40,12 +43,14 @@ class ReconstructConfig:
     images: int = 256
     w_lr: float = 1e-3  # Adam's default, for the rounding variables
     a_lr: float = 4e-5
-    drop_prob: float = 0.5
+    drop_prob: float = 0.5  # QDrop: probability that a quantized input keeps its quantized value
     quant_ratio: float = 0.5
+    qdrop_scope: str = "linear"
     reg_weight: float = 0.01
     warmup: float = 0.2
     delta: float = 1e-3
     seed: int = 0
+    calib_split: str = "train"  # or "val": the published protocol (aphq_cli.data.coco)
     version: int = field(default=CONFIG_VERSION)
 
     def __post_init__(self) -> None:
@@ -57,6 +62,9 @@ class ReconstructConfig:
         for name in ("drop_prob", "quant_ratio", "warmup"):
             if not 0 <= getattr(self, name) <= 1:
                 raise AphqError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        check_calib_split(self.calib_split)
+        if self.qdrop_scope not in QDROP_SCOPES:
+            raise AphqError(f"qdrop_scope must be one of {', '.join(QDROP_SCOPES)}, got {self.qdrop_scope!r}")
 
 
 def resolve_config(cfg, overrides: dict, file_values: dict | None = None) -> ReconstructConfig:
@@ -72,6 +80,12 @@ LOSSES: dict[str, str] = {
     "fisher": "squared task-loss gradient of the partially quantized model (BRECQ)",
     "none": "no reconstruction: calibration alone",
 }
+
+
+# Which activation quantizers of a unit QDrop lets fall back to float during
+# reconstruction. "linear" is the published code's: Linear-layer inputs only;
+# "all" also drops on the attention-matmul operands and conv inputs (the image too).
+QDROP_SCOPES = ("linear", "all")
 
 
 def units_of(detector: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -118,6 +132,29 @@ def _unpack(d: dict[str, torch.Tensor]):
     return items[0] if len(items) == 1 else items
 
 
+def unit_loss(out: list[torch.Tensor], target: list[torch.Tensor], weight: torch.Tensor | None) -> torch.Tensor:
+    """Reconstruction error of one image (method.md §6), before the first-iteration normalization.
+
+    A weighted loss (APH, Fisher) is ``sum(weight * (out - target)^2)`` over
+    every element of the image, as the published code sums it. Unweighted, it
+    is one mean squared error over all outputs concatenated: for the FPN's
+    five levels, P2 (most of the elements) carries most of the loss.
+    """
+    if weight is not None:
+        return sum((weight * (o - t).pow(2)).sum() for o, t in zip(out, target))
+    diff = torch.cat([(o - t).reshape(-1) for o, t in zip(out, target)])
+    return diff.pow(2).mean()
+
+
+def qdrop_quantizers(unit: nn.Module, scope: str) -> list[nn.Module]:
+    """The activation quantizers of ``unit`` that QDrop acts on under ``scope``."""
+    from aphq_cli.quant.modules import QuantLinear, Quantizer
+
+    if scope == "all":
+        return [m for n, m in unit.named_modules() if isinstance(m, Quantizer) and not n.endswith("w_quant")]
+    return [m.a_quant for m in unit.modules() if isinstance(m, QuantLinear)]
+
+
 def reconstruct_unit(unit: nn.Module, caches: "UnitCaches", k: int, weights, config: ReconstructConfig,
                      seed: int, progress: Callable[[int, int, float], None] | None = None) -> list[float]:
     """Learn rounding and activation scales of unit ``k`` from its cached inputs and targets.
@@ -146,8 +183,9 @@ def reconstruct_unit(unit: nn.Module, caches: "UnitCaches", k: int, weights, con
     scales = [q.scale for q in acts]
     for s in scales:
         s.requires_grad_(True)
-    for q in acts:
-        q.drop_prob = config.drop_prob
+    dropping = qdrop_quantizers(unit, config.qdrop_scope)
+    for q in dropping:
+        q.keep_quantized = config.drop_prob
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     opt_w = torch.optim.Adam([s.alpha for s in soft.values()], lr=config.w_lr)
@@ -155,13 +193,12 @@ def reconstruct_unit(unit: nn.Module, caches: "UnitCaches", k: int, weights, con
     first, losses = None, []
     try:
         for step in range(config.iters):
-            i = int(torch.randint(caches.count, (1,), generator=gen))
+            i = step % caches.count  # images in order, as the published code takes them
             x_fp, x_q = _as_list(caches.fp_in(k, i)), _as_list(caches.q_in(k, i))
             target = _as_list(caches.target(k, i))
             x = [qdrop_mix(a, b, config.quant_ratio, gen) for a, b in zip(x_q, x_fp)]
             out = _as_list(_run_unit(unit, x if len(x) > 1 else x[0]))
-            w = weights(i)
-            rec = sum(((o - t).pow(2) * (w if w is not None else 1.0)).mean() for o, t in zip(out, target))
+            rec = unit_loss(out, target, weights(i))
             if first is None:
                 first = rec.detach().clamp_min(1e-12)
             loss = 2 * rec / first
@@ -194,8 +231,8 @@ def reconstruct_unit(unit: nn.Module, caches: "UnitCaches", k: int, weights, con
                 layer.w_quant = originals[id(layer)]
         for s in scales:
             s.requires_grad_(False)
-        for q in acts:
-            q.drop_prob = 0.0
+        for q in dropping:
+            q.keep_quantized = 1.0
     return losses
 
 
@@ -272,6 +309,7 @@ def _loss_weights(loss: str, k: int, name: str, unit_q, detector, fp, caches: Un
 
 
 def reconstruct(*, run: Path, loss: str | None = None, iters: int | None = None, images: int | None = None,
+                calib_split: str | None = None,
                 device: str = "cpu", force: bool = False, trust_checkpoint: bool = False,
                 settings: dict | None = None, quant_config: str | Path | None = None,
                 progress=None) -> tuple[Path, bool]:
@@ -290,7 +328,7 @@ def reconstruct(*, run: Path, loss: str | None = None, iters: int | None = None,
     from aphq_cli.tensorcache import TensorCache
     from stages.calibrate import quantized_tensors
 
-    overrides = with_arguments(settings, loss=loss, iters=iters, images=images)
+    overrides = with_arguments(settings, loss=loss, iters=iters, images=images, calib_split=calib_split)
     qc_label, qc_values = stage_settings(quant_config, STAGE)
     settings_from_dict(ReconstructConfig, qc_values | overrides, STAGE)
     calib_path = stage_path(run, "calibrate")
@@ -299,7 +337,7 @@ def reconstruct(*, run: Path, loss: str | None = None, iters: int | None = None,
     dev = resolve_device(distributed.init(device))
     detector, source, calib = load_stage(run, "calibrate", dev, trust_checkpoint=trust_checkpoint)
     config = resolve_config(source.cfg, overrides, qc_values)
-    dataset = source.dataset("calib", limit=config.images)
+    dataset = source.calibration_dataset(config.calib_split, limit=config.images)
     out = stage_path(prepare_run(run), STAGE)
     inputs = source.fingerprints(dataset) | {"options": sha256_json(asdict(config)), "calibrate": sha256_file(calib_path)}
     mlp = calib.config.get("mlp_recon_artifact") or None
@@ -322,7 +360,7 @@ def reconstruct(*, run: Path, loss: str | None = None, iters: int | None = None,
     caches = UnitCaches(cache, source.images(dataset, dev), dev)
     aph = aph_cache(source, dataset, config.delta)  # the same estimates mlp-recon uses
     # The calibrate settings (bit-widths) carry over; images are reconstruct's own.
-    header = calib.config | source.header(dataset) | {"reconstruct": asdict(config),
+    header = calib.config | source.header(dataset, config.calib_split) | {"reconstruct": asdict(config),
                                                       "reconstruct_quant_config": qc_label}
     blocks = Path(run) / "reconstruct" / "blocks"
     units = units_of(detector) if config.loss != "none" else []

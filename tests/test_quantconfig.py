@@ -88,3 +88,13 @@ def test_cli_refuses_bad_values_in_the_file_before_touching_the_run(tmp_path, co
     assert "error:" in result.output and "\n" not in result.output.split("error:")[1].strip()
     assert message in " ".join(result.output.split())
     assert not run.exists()
+
+
+def test_calib_split_at_the_top_level_sets_every_stage(tmp_path):
+    (tmp_path / "q.toml").write_text('calib_split = "val"\n[reconstruct]\nqdrop_scope = "all"\n')
+    sections = load_quant_config(tmp_path / "q.toml")[1]
+    assert {s: v.get("calib_split") for s, v in sections.items()} == dict.fromkeys(sections, "val")
+    assert ReconstructConfig(**sections["reconstruct"]).qdrop_scope == "all"
+    (tmp_path / "bad.toml").write_text('[reconstruct]\nqdrop_scope = "matmul"\n')
+    with pytest.raises(AphqError, match="qdrop_scope must be one of linear, all"):
+        ReconstructConfig(**load_quant_config(tmp_path / "bad.toml")[1]["reconstruct"])

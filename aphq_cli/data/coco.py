@@ -94,6 +94,42 @@ def build_dataset(cfg, split: Split = "test", data_dir: Path | None = None,
     return dataset
 
 
+# Where calibration and reconstruction images come from (method.md, "Calibration and
+# reconstruction images in the published code"). "train": the config's calib split
+# (train2017 through the deterministic test pipeline), our default. "val": the published
+# protocol, the evaluation split itself (val2017), its annotated images in file order.
+CALIB_SPLITS = ("train", "val")
+
+
+def check_calib_split(value: str) -> None:
+    """Refuse a calibration protocol other than :data:`CALIB_SPLITS`."""
+    if value not in CALIB_SPLITS:
+        raise AphqError(f"--calib-split must be one of {', '.join(CALIB_SPLITS)}, got {value!r}")
+
+
+def calibration_dataset(cfg, protocol: str, data_dir: Path | None = None, limit: int | None = None,
+                        image_ids: Iterable[int] | None = None):
+    """The calibration/reconstruction images of a protocol of :data:`CALIB_SPLITS`.
+
+    With ``"val"`` (and no ``image_ids``) images without an annotation of the
+    dataset's classes are skipped before ``limit`` applies, as the published
+    code's training-mode dataset skips them.
+    """
+    check_calib_split(protocol)
+    if protocol == "train":
+        return build_dataset(cfg, "calib", data_dir, limit=limit, image_ids=image_ids)
+    dataset = build_dataset(cfg, "test", data_dir, image_ids=image_ids)
+    if image_ids is None:
+        cats = set(dataset.cat_ids)
+        annotated = {a["image_id"] for a in dataset.coco.anns.values() if a["category_id"] in cats}
+        _restrict(dataset, [i for i, info in enumerate(dataset.data_infos) if info["id"] in annotated])
+    if limit is not None:
+        _restrict(dataset, list(range(min(limit, len(dataset)))))
+    if len(dataset) == 0:
+        raise AphqError(f"dataset {dataset.ann_file} has no annotated images")
+    return dataset
+
+
 def _restrict(dataset, keep: list[int]) -> None:
     """Keep the images at positions ``keep``; evaluation then covers only those."""
     dataset.data_infos = [dataset.data_infos[i] for i in keep]

@@ -53,25 +53,30 @@ def rpn_task_loss(cls: Sequence[torch.Tensor], reg: Sequence[torch.Tensor], cls_
 
     Binary KL between sigmoid objectness and the float objectness
     (probabilities clamped to [1e-7, 1 - 1e-7], mean over elements), plus
-    smooth-L1 between box deltas and the float deltas on anchors whose float
-    objectness exceeds 0.7; each sum is divided by its own detached value, so
-    the two terms weigh equally whatever their scale.
+    smooth-L1 between box deltas and the float deltas, both multiplied by the
+    mask of anchors whose float objectness exceeds 0.7 and averaged over
+    every element of the level, as the published code does (not over the
+    kept anchors only). Each sum is divided by its own detached value, so the
+    two terms weigh equally whatever their scale. Where no anchor of any
+    level passes 0.7 the box term is left out (the published code divides
+    0 by 0 there and its APH is NaN).
 
     Args:
         cls, cls_fp: per level ``(B, A, H, W)`` logits.
         reg, reg_fp: per level ``(B, 4A, H, W)`` deltas (channel ``4a + k``).
     """
     sum_cls, sum_reg = cls[0].new_zeros(()), cls[0].new_zeros(())
+    kept = False
     for c, r, cf, rf in zip(cls, reg, cls_fp, reg_fp):
         p = torch.sigmoid(c).clamp(_EPS, 1 - _EPS)
         q = torch.sigmoid(cf).clamp(_EPS, 1 - _EPS)
         kl = q * (q.log() - p.log()) + (1 - q) * ((1 - q).log() - (1 - p).log())
         sum_cls = sum_cls + kl.mean()
-        keep = (q > OBJECTNESS).repeat_interleave(4, dim=1)
-        if keep.any():
-            sum_reg = sum_reg + nn.functional.smooth_l1_loss(r[keep], rf[keep], reduction="mean")
+        mask = (q > OBJECTNESS).repeat_interleave(4, dim=1).to(r.dtype)
+        kept = kept or bool(mask.any())
+        sum_reg = sum_reg + nn.functional.smooth_l1_loss(r * mask, rf * mask, reduction="mean")
     loss = sum_cls / sum_cls.detach().clamp_min(1e-12)
-    if sum_reg.requires_grad:
+    if kept:
         loss = loss + sum_reg / sum_reg.detach().clamp_min(1e-12)
     return loss
 

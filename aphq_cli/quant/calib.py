@@ -1,10 +1,10 @@
 """Calibration: record every quantized layer's float inputs, then search its quantizers.
 
 The recorder keeps a bounded, evenly strided sample of each layer's input on
-the CPU (``max_values`` numbers per layer; the first ``max_windows`` windows
-of an attention matmul), so memory does not grow with image size or count
-beyond that bound: for Swin-T (about 150 quantized layers) at the defaults,
-under 1 GB.
+the CPU (``max_values`` numbers per layer; ``max_windows`` windows of an
+attention matmul, evenly spread over every window of the image), so memory
+does not grow with image size or count beyond that bound: for Swin-T (about
+150 quantized layers) at the defaults, under 1 GB.
 """
 
 from __future__ import annotations
@@ -75,7 +75,10 @@ class InputRecorder:
         def record(module: nn.Module, args: tuple) -> None:
             if isinstance(module, QuantMatMul):
                 a, b = args
-                self.pairs[name].append((a[: self.max_windows].detach().cpu(), b[: self.max_windows].detach().cpu()))
+                # Windows from the whole image, not its top rows: the first 256 of a
+                # 1333x800 stage-1 map would be its top ~18 %.
+                step = max(1, math.ceil(a.shape[0] / self.max_windows))
+                self.pairs[name].append((a[::step].detach().cpu(), b[::step].detach().cpu()))
                 return
             x = args[0].detach()
             if isinstance(module, QuantConv2d):

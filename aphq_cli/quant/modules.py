@@ -28,9 +28,10 @@ class Quantizer(nn.Module):
         super().__init__()
         self.bits = bits
         self.enabled = False  # turned on once calibrated
-        # QDrop (reconstruction only): keep the quantized value of an element
-        # with probability 1 - drop_prob, else its float value.
-        self.drop_prob = 0.0
+        # QDrop (reconstruction only): each element keeps its quantized value
+        # with this probability, else its float value (the published code's
+        # ``drop_prob``; 1 means no drop).
+        self.keep_quantized = 1.0
         self.register_buffer("scale", torch.ones(shape))
         self.register_buffer("zero_point", torch.zeros(shape))
 
@@ -43,8 +44,8 @@ class Quantizer(nn.Module):
         if not self.enabled:
             return x
         q = fake_quantize(x, self.scale, self.zero_point, self.bits)
-        if self.drop_prob > 0:
-            q = torch.where(torch.rand_like(x) < self.drop_prob, x, q)
+        if self.keep_quantized < 1:
+            q = torch.where(torch.rand_like(x) < self.keep_quantized, q, x)
         return q
 
     def extra_repr(self) -> str:

@@ -27,19 +27,20 @@ def _set(model: nn.Module, name: str, module: nn.Module) -> None:
 def quantize_model(model: nn.Module, w_bits: int, a_bits: int) -> nn.Module:
     """Replace Linear/Conv2d/MatMul of ``model`` with quantized layers, in place.
 
-    Quantizers start disabled; calibration sets and enables them. Transposed
-    convolutions (the mask head's upsampling) stay in floating point, as in
-    the published code, which quantizes Linear and Conv2d only.
+    Quantizers start disabled; calibration sets and enables them. Subclasses
+    count (mmcv's ``Conv2d`` wrapper, the mask head's ``conv_logits``), as in
+    the published code. Transposed convolutions (the mask head's upsampling)
+    are no Conv2d and stay in floating point there too.
     """
     heads = {f"{n}.{m}": mod.heads for n, mod in model.named_modules() if isinstance(mod, WindowAttention)
              for m in ("matmul_qk", "matmul_av")}
     for name, module in list(model.named_modules()):
-        if type(module) is nn.Linear:
+        if isinstance(module, nn.Linear):
             _set(model, name, QuantLinear(module, w_bits, a_bits))
-        elif type(module) is nn.Conv2d:
+        elif isinstance(module, nn.Conv2d):
             image = name.endswith("patch_embed.proj")
             _set(model, name, QuantConv2d(module, w_bits, IMAGE_BITS if image else a_bits))
-        elif type(module) is MatMul:
+        elif isinstance(module, MatMul):
             _set(model, name, QuantMatMul(heads[name], a_bits))
     return model
 

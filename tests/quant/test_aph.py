@@ -78,3 +78,24 @@ def test_rpn_task_loss_without_confident_anchors_has_no_box_term():
     assert loss.item() == pytest.approx(1.0)
     loss.backward()
     assert r[0].grad is None or torch.all(r[0].grad == 0)
+
+
+def test_rpn_box_term_averages_over_every_element_of_each_level():
+    """Two levels, one confident anchor each: level 0 has 1 anchor (4 deltas), level 1 has 4 (16 deltas).
+
+    The published code multiplies both delta tensors by the anchor mask and
+    averages over all elements of the level, so a kept delta of level 1
+    weighs a quarter of one of level 0. Averaging over the kept anchors
+    only would weigh them the same.
+    """
+    cf = [torch.tensor([[[[2.0]]]]), torch.tensor([[[[2.0, -3.0], [-3.0, -3.0]]]])]
+    rf = [torch.zeros(1, 4, 1, 1), torch.zeros(1, 4, 2, 2)]
+    c = [torch.zeros_like(t, requires_grad=True) for t in cf]
+    r = [torch.full((1, 4, 1, 1), 0.5, requires_grad=True), torch.full((1, 4, 2, 2), 0.5, requires_grad=True)]
+    rpn_task_loss(c, r, cf, rf).backward()
+    # smooth-L1 of 0.5 is 0.125 with gradient 0.5; level means: 4 * 0.125 / 4 and 4 * 0.125 / 16.
+    total = 4 * 0.125 / 4 + 4 * 0.125 / 16
+    assert r[0].grad.flatten().tolist() == pytest.approx([0.5 / 4 / total] * 4, rel=1e-5)
+    g1 = r[1].grad[0, :, 0, 0]  # the confident anchor of level 1
+    assert g1.tolist() == pytest.approx([0.5 / 16 / total] * 4, rel=1e-5)
+    assert float(r[1].grad.abs().sum() - g1.abs().sum()) == 0.0  # the other anchors carry no gradient

@@ -146,3 +146,39 @@ def test_layer_norm_of():
     assert layer_norm_of("backbone.layers.1.blocks.0.mlp.fc1") == "backbone.layers.1.blocks.0.norm2"
     assert layer_norm_of("backbone.layers.2.downsample.reduction") == "backbone.layers.2.downsample.norm"
     assert layer_norm_of("backbone.layers.1.blocks.0.mlp.fc2") is None
+
+
+def test_subclasses_of_linear_and_conv2d_are_quantized_transposed_convs_are_not():
+    """mmcv's ``Conv2d`` wrapper (the mask head's ``conv_logits``) is a subclass: it carries quantizers."""
+    from mmcv.cnn.bricks.wrappers import Conv2d as MmcvConv2d, ConvTranspose2d as MmcvConvTranspose2d
+
+    class MyLinear(nn.Linear):
+        pass
+
+    model = nn.ModuleDict({"logits": MmcvConv2d(4, 2, 1), "fc": MyLinear(3, 2),
+                           "up": MmcvConvTranspose2d(4, 4, 2, stride=2), "plain": nn.ConvTranspose2d(4, 4, 2)})
+    quantize_model(model, 4, 4)
+    assert isinstance(model["logits"], QuantConv2d) and isinstance(model["fc"], QuantLinear)
+    assert isinstance(model["up"], nn.ConvTranspose2d) and isinstance(model["plain"], nn.ConvTranspose2d)
+
+
+def test_the_mask_heads_conv_logits_carries_quantizers():
+    from aphq_cli.models.zoo import build_model, load_config, resolve_model
+
+    for name, stages in (("tiny-mask-rcnn", 1), ("tiny-cascade-mask-rcnn", 3)):
+        model = quantize_model(build_model(load_config(resolve_model(name))), 4, 4)
+        logits = [n for n, m in model.named_modules() if n.endswith("conv_logits")]
+        assert len(logits) == stages
+        assert all(isinstance(model.get_submodule(n), QuantConv2d) for n in logits), name
+
+
+def test_matmul_calibration_samples_windows_across_the_whole_image():
+    from aphq_cli.quant.calib import InputRecorder
+
+    mm = QuantMatMul(1, 4)
+    recorder = InputRecorder({"mm": mm}, max_values=1000, max_windows=4, images=1)
+    a = torch.arange(16.0).view(16, 1, 1, 1)  # window w holds the value w
+    with recorder.attached():
+        mm(a, a)
+    windows = recorder.pairs["mm"][0][0].flatten().tolist()
+    assert windows == [0.0, 4.0, 8.0, 12.0]  # not the first four

@@ -123,3 +123,36 @@ def test_quant_config_is_resolved_and_recorded(synth_dir, random_tiny_checkpoint
     resolved = header.config["calibrate"]
     assert (resolved["w_bits"], resolved["a_bits"], resolved["eq_n"], resolved["search_round"]) == (3, 5, 16, 1)
     assert header.config["quant_config"] == str(qc.resolve())
+
+
+def test_the_published_image_protocol_by_name(synth_dir, random_tiny_checkpoint, tmp_path, monkeypatch):
+    """--calib-split val: the first annotated images of the evaluation split, said in header, status and eval."""
+    import json
+
+    from aphq_cli.artifacts import read_header
+    from aphq_cli.inspect import run_status
+
+    monkeypatch.setenv("APHQ_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    result = CliRunner().invoke(app, ["calibrate", "--run", str(run), "--checkpoint", str(random_tiny_checkpoint),
+                                      "--data", str(synth_dir), "--calib-images", "2", "--calib-split", "val",
+                                      "--quant-config", str(_fast_config(tmp_path))])
+    assert result.exit_code == 0, result.output
+    header = read_header(run / "calibrate.safetensors").config
+    val = ModelSource.open("tiny-mask-rcnn", random_tiny_checkpoint, synth_dir).dataset("test")
+    annotated = [i for i in val.img_ids if val.coco.get_ann_ids(img_ids=[i])]
+    assert header["image_ids"] == annotated[:2] and header["calib_split"] == "val"
+    assert header["calibrate"]["calib_split"] == "val"
+    assert "published val-split images" in run_status(run)[1].detail
+    out = tmp_path / "e.json"
+    result = CliRunner().invoke(app, ["eval", "--run", str(run), "--limit", "1", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["calib_split"] == "val"
+    bad = CliRunner().invoke(app, ["calibrate", "--run", str(tmp_path / "r2"), "--calib-split", "test"])
+    assert bad.exit_code != 0 and "--calib-split must be one of train, val" in bad.output
+
+
+def _fast_config(folder):
+    path = folder / "fast.toml"
+    path.write_text("[calibrate]\n" + "".join(f"{k} = {v}\n" for k, v in FAST.items()))
+    return path

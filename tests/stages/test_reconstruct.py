@@ -176,3 +176,72 @@ def test_the_teacher_is_the_original_float_model_after_mlp_recon(tmp_path, synth
     assert torch.allclose(seen["x"], x, atol=1e-5)
     assert torch.allclose(seen["y"], y, atol=1e-5)
     assert not torch.allclose(seen["y"], y_relu, atol=1e-3)  # the mlp-recon model would be another teacher
+
+
+def test_fpn_loss_is_one_mean_over_all_levels_concatenated():
+    from stages.reconstruct import unit_loss
+
+    out = [torch.ones(1, 2, 4, 4), torch.zeros(1, 2, 1, 1)]  # 32 elements off by 1, then 2 exact
+    target = [torch.zeros(1, 2, 4, 4), torch.zeros(1, 2, 1, 1)]
+    assert unit_loss(out, target, None).item() == pytest.approx(32 / 34)  # not (1 + 0) / 2 per level
+
+
+def test_weighted_loss_is_a_sum_over_the_image():
+    from stages.reconstruct import unit_loss
+
+    out, target = [torch.full((1, 2, 2, 3), 2.0)], [torch.zeros(1, 2, 2, 3)]
+    weight = torch.arange(12.0).view(1, 2, 2, 3)
+    assert unit_loss(out, target, weight).item() == pytest.approx(4 * sum(range(12)))
+
+
+def test_qdrop_keeps_the_quantized_value_with_probability_drop_prob():
+    """drop_prob is the published meaning: the chance that an element keeps its quantized value."""
+    from aphq_cli.quant.modules import Quantizer
+
+    q = Quantizer(2)
+    q.set_params(torch.tensor(1.0), torch.tensor(0.0))
+    x = torch.full((100_000,), 0.3)  # quantizes to 0.0
+    torch.manual_seed(0)
+    q.keep_quantized = 0.9
+    share = (q(x) == 0).float().mean().item()
+    assert share == pytest.approx(0.9, abs=0.01)
+
+
+def test_qdrop_acts_on_linear_inputs_by_default():
+    from aphq_cli.models.swin import SwinBlock
+    from aphq_cli.quant.wrap import quantize_model
+    from stages.reconstruct import qdrop_quantizers
+
+    block = quantize_model(torch.nn.Sequential(SwinBlock(8, 2, 7, 0, 4.0, True, None, 0.0, 0.0, 0.0)), 4, 4)[0]
+    linear = {id(m.a_quant) for m in (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2)}
+    assert {id(q) for q in qdrop_quantizers(block, "linear")} == linear
+    everything = {id(q) for q in qdrop_quantizers(block, "all")}
+    matmul = {id(block.attn.matmul_qk.a_quant), id(block.attn.matmul_av.b_quant)}
+    assert linear < everything and matmul <= everything
+
+
+def test_images_are_taken_in_order():
+    """Iteration t reconstructs on image t mod N, as the published loop does."""
+    from aphq_cli.quant.modules import QuantLinear
+    from stages.reconstruct import reconstruct_unit
+
+    torch.manual_seed(0)
+    unit = torch.nn.Sequential(QuantLinear(torch.nn.Linear(4, 3), 4, 4))
+    unit[0].w_quant.set_params(torch.full((3, 1), 0.1), torch.full((3, 1), 8.0))
+    unit[0].a_quant.set_params(torch.tensor(0.1), torch.tensor(8.0))
+    asked = []
+
+    class Caches:
+        count = 3
+
+        def fp_in(self, k, i):
+            asked.append(i)
+            return torch.randn(2, 4)
+
+        q_in = fp_in
+
+        def target(self, k, i):
+            return torch.randn(2, 3)
+
+    reconstruct_unit(unit, Caches(), 0, lambda i: None, ReconstructConfig(iters=7), seed=0)
+    assert asked[::2] == [0, 1, 2, 0, 1, 2, 0]
