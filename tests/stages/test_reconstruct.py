@@ -99,26 +99,27 @@ def test_aph_reconstruction_beats_calibration_alone(bundled_w3a3):
     """The bundled testbed model at W3A3: reconstruct (aph) raises box AP over calibrate alone.
 
     At W3A3 calibration costs the 52-AP model half its accuracy and aph
-    reconstruction wins back a good part of it: on this test's 40 images with
-    8 images x 100 iterations, 24.7 -> 30.9 (docs/results.md has the testbed
-    defaults on 100 images). The W4A4 test below runs on the cascade.
+    reconstruction wins back part of it: on this test's 40 images with 8
+    images x 100 iterations, 26.9 -> 29.0 with the published method's
+    details (docs/fidelity.md; before them 24.7 -> 30.9). The W4A4 test
+    below runs on the cascade.
     """
     calib, recon = _box_ap_before_and_after_aph(bundled_w3a3, {"images": 8, "iters": 100})
-    # Measured gain 6.2 points; 4 is the bar, so a reconstruction that only
-    # nudges the calibrated model fails.
-    assert recon >= calib + 4.0
+    # Measured gain 2.1 points; 1 is the bar, so a reconstruction that does
+    # nothing, or makes the calibrated model worse, fails.
+    assert recon >= calib + 1.0
 
 
 def test_aph_reconstruction_beats_calibration_at_w4a4_on_the_cascade(tmp_path):
     """The bundled cascade at W4A4 with the testbed defaults (16 images x 200 iterations per block).
 
-    On this test's 40 val images: 44.5 -> 46.7 box AP (docs/results.md has
-    100 images).
+    On this test's 40 val images: 44.7 -> 46.1 box AP with the published
+    method's details (before them 44.5 -> 46.7).
     """
     run = tmp_path / "w4a4"
     calibrate(model="tiny-cascade-mask-rcnn", run=run, w_bits=4, a_bits=4)
     calib, recon = _box_ap_before_and_after_aph(run, {})
-    # Measured gain 2.2 points; a reconstruction that does nothing, or little, fails.
+    # Measured gain 1.4 points; a reconstruction that does nothing, or little, fails.
     assert recon >= calib + 1.0
 
 
