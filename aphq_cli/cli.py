@@ -158,8 +158,8 @@ def calibrate_cmd(
     from stages.calibrate import calibrate
 
     run_stage(calibrate, "calibrate: layers", model=model, run=run, w_bits=w_bits, a_bits=a_bits,
-              calib_images=calib_images, image_list=image_list, calib_split=calib_split, checkpoint=checkpoint, data=data, device=device,
-              force=force, trust_checkpoint=trust_checkpoint, quant_config=quant_config)
+              calib_images=calib_images, image_list=image_list, calib_split=calib_split, checkpoint=checkpoint,
+              data=data, device=device, force=force, trust_checkpoint=trust_checkpoint, quant_config=quant_config)
 
 
 @app.command("mlp-recon")
@@ -180,8 +180,8 @@ def mlp_recon_cmd(
     """Replace GELU with ReLU in every Swin MLP and reconstruct fc1/fc2 block by block (resumable)."""
     from stages.mlp_recon import mlp_recon
 
-    run_stage(mlp_recon, model=model, run=run, iters=iters, images=images, calib_split=calib_split, checkpoint=checkpoint, data=data,
-              device=device, force=force, trust_checkpoint=trust_checkpoint, quant_config=quant_config)
+    run_stage(mlp_recon, model=model, run=run, iters=iters, images=images, calib_split=calib_split,
+              checkpoint=checkpoint, data=data, device=device, force=force, trust_checkpoint=trust_checkpoint, quant_config=quant_config)
 
 
 @app.command("reconstruct")
@@ -200,8 +200,8 @@ def reconstruct_cmd(
     """Block-wise AdaRound reconstruction with APH weights (resumable per unit)."""
     from stages.reconstruct import reconstruct
 
-    run_stage(reconstruct, run=run, loss=loss, iters=iters, images=images, calib_split=calib_split, device=device, force=force,
-              trust_checkpoint=trust_checkpoint, quant_config=quant_config)
+    run_stage(reconstruct, run=run, loss=loss, iters=iters, images=images, calib_split=calib_split, device=device,
+              force=force, trust_checkpoint=trust_checkpoint, quant_config=quant_config)
 
 
 @app.command("export")

@@ -57,8 +57,8 @@ def resolve_config(cfg, overrides: dict, file_values: dict | None = None) -> Cal
 
 
 def calibrate(*, model: str, run: Path, w_bits: int | None = None, a_bits: int | None = None,
-              calib_images: int | None = None, calib_split: str | None = None, checkpoint: Path | None = None, data: Path | None = None,
-              image_list: Path | None = None, device: str = "cpu", force: bool = False,
+              calib_images: int | None = None, calib_split: str | None = None, checkpoint: Path | None = None,
+              data: Path | None = None, image_list: Path | None = None, device: str = "cpu", force: bool = False,
               trust_checkpoint: bool = False, settings: dict | None = None, quant_config: str | Path | None = None,
               progress=None) -> tuple[Path, bool]:
     """Calibrate ``model`` into ``run/calibrate.safetensors``.
@@ -111,9 +111,8 @@ def calibrate(*, model: str, run: Path, w_bits: int | None = None, a_bits: int |
 
     detector, params_before = build_calibrated(source, config, dataset, device, mlp_recon=mlp, progress=progress)
     tensors = quantized_tensors(detector, params_before)
-    header = source.header(dataset, config.calib_split) | {"calibrate": asdict(config),
-                                       "mlp_recon_artifact": str(mlp.resolve()) if mlp else "",
-                                       "quant_config": qc_label}
+    header = source.header(dataset, config.calib_split) | {
+        "calibrate": asdict(config), "mlp_recon_artifact": str(mlp.resolve()) if mlp else "", "quant_config": qc_label}
     save_artifact(out, tensors, stage=STAGE, config=header, inputs=inputs,
                   extra={"model": source.spec.name})
     return out, False
