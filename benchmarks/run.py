@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -92,6 +93,12 @@ class Bench:
                     self.args.variant)
         self.steps.append(step)
         return step
+
+def step_key(step: Step) -> tuple:
+    """What makes two rows the same measurement: model, variant, label and reconstruct seed (run folder ``-sN``)."""
+    seed = next((m.group(1) for a in step.argv if (m := re.search(r"-s(\d+)$", a))), None)
+    return step.model, step.variant, step.label, seed
+
 
 def commit(code: Path) -> str:
     """The short commit of checkout ``code``, ``+changes`` when its tracked files differ from it."""
@@ -370,7 +377,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="per bit-width methods, e.g. 4:calib,mse,fisher,aph,mlp+aph 3:calib,aph (overrides --bits "
                          "and --methods)")
     ap.add_argument("--merge", action="store_true",
-                    help="keep the other models' results already in OUT's JSON (one table for runs made apart)")
+                    help="add to OUT's JSON: rows measured again (model, variant, label, seed) are replaced, "
+                         "all others kept (one table for runs made apart)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--limit", type=int, default=None, help="evaluate the first N val images")
     ap.add_argument("--recon-iters", type=int, default=None, help="reconstruct --iters (default: the model's)")
@@ -421,11 +429,14 @@ def main(argv: list[str] | None = None) -> int:
     steps, commands, checkpoints = list(bench.steps), [this], dict(bench.checkpoints)
     if args.merge and out.with_suffix(".json").is_file():
         old = json.loads(out.with_suffix(".json").read_text())
-        mine = lambda model, variant: model in args.models and variant == args.variant  # noqa: E731
-        steps = [Step(**s) for s in old["steps"] if not mine(s["model"], s.get("variant", ""))] + steps
-        commands = [c for c in old["commands"]
-                    if any(not mine(m, c.get("variant", "")) for m in c["models"])] + commands
-        checkpoints = {m: v for m, v in old.get("checkpoints", {}).items() if m not in args.models} | checkpoints
+        # A row measured again (same model, variant, label and seed) replaces the old one; every other row
+        # stays, so that seeds or methods measured by separate commands add up to one table.
+        fresh = {step_key(s) for s in steps}
+        kept = [s for s in (Step(**s) for s in old["steps"]) if step_key(s) not in fresh]
+        steps = kept + steps
+        commands = [c for c in old["commands"] if c["argv"] != this["argv"] or c.get("commit") != this["commit"]]
+        commands += [this]
+        checkpoints = old.get("checkpoints", {}) | checkpoints
     summary = summarize(steps)
     png = out.with_suffix(".png")
     plot(summary, png)
