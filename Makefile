@@ -1,5 +1,5 @@
-# The two commands of the README. Each installs .venv on first use (idempotent).
-.PHONY: demo test install
+# The commands of the README. Each installs .venv on first use (idempotent).
+.PHONY: demo test quick install
 
 install:
 	@scripts/bootstrap.sh
@@ -9,3 +9,6 @@ demo: install
 
 test: install
 	.venv/bin/python -m pytest -q
+
+quick: install
+	.venv/bin/python -m pytest -q -m "not slow"

@@ -31,6 +31,7 @@ def test_bundled_weights_are_small_and_load_strictly(name):
     assert set(read_state_dict(path)) == set(model.state_dict())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(FLOORS))
 def test_bundled_weights_reach_their_floor(name):
     result = evaluate(model=name, limit=40)

@@ -94,6 +94,7 @@ def test_image_list(tmp_path, synth_dir):
         source.dataset("calib", image_ids=[999])
 
 
+@pytest.mark.slow
 def test_w8a8_stays_within_one_point_of_float(tmp_path, bundled_fp40):
     """At 8 bits the bundled testbed model keeps its box AP within 1 point (first 40 val images)."""
     from stages.eval import evaluate

@@ -104,6 +104,7 @@ def test_calibrate_builds_on_mlp_recon(tmp_path, synth_dir, random_tiny_checkpoi
 MLP_RECON_MARGIN = 3.0
 
 
+@pytest.mark.slow
 def test_mlp_recon_keeps_float_ap_within_margin(tmp_path, bundled_fp40):
     from stages.eval import evaluate
 

@@ -95,6 +95,7 @@ def bundled_w3a3(tmp_path_factory):
     return run
 
 
+@pytest.mark.slow
 def test_aph_reconstruction_beats_calibration_alone(bundled_w3a3):
     """The bundled testbed model at W3A3: reconstruct (aph) raises box AP over calibrate alone.
 
@@ -110,6 +111,7 @@ def test_aph_reconstruction_beats_calibration_alone(bundled_w3a3):
     assert recon >= calib + 1.0
 
 
+@pytest.mark.slow
 def test_aph_reconstruction_beats_calibration_at_w4a4_on_the_cascade(tmp_path):
     """The bundled cascade at W4A4 with the testbed defaults (16 images x 200 iterations per block).
 
@@ -123,6 +125,7 @@ def test_aph_reconstruction_beats_calibration_at_w4a4_on_the_cascade(tmp_path):
     assert recon >= calib + 1.0
 
 
+@pytest.mark.slow
 def test_keep_float_everything_is_the_float_model(bundled_w3a3, bundled_fp40):
     """Every part in float: the calibrated model (LayerNorm scales folded) scores as the float model."""
     from stages.eval import evaluate
