@@ -232,7 +232,7 @@ def load_stage(run: Path, stage: str | None = None, device="cpu", *, trust_check
     """
     from aphq_cli.artifacts import load_artifact, read_header, sha256_file
     from aphq_cli.quant.modules import load_quant_state
-    from aphq_cli.quant.wrap import quantize_model
+    from aphq_cli.models.plan import quantize_model
 
     stage = stage or newest_stage(run)
     if stage not in STAGES:

@@ -144,13 +144,15 @@ def build_calibrated(source, config: CalibrateConfig, dataset, device, mlp_recon
     Returns:
         ``(detector, float state dict before calibration)``.
     """
+    from aphq_cli.models.plan import detector_plan
     from aphq_cli.quant.calib import calibrate_model
-    from aphq_cli.quant.wrap import quantize_model
+    from aphq_cli.quant.wrap import apply_plan
 
     detector = source.build(device, mlp_recon=mlp_recon)
     params_before = {k: v.clone() for k, v in detector.state_dict().items()}
-    quantize_model(detector, config.w_bits, config.a_bits)
-    calibrate_model(detector, source.batches(dataset, device), config, images=len(dataset), forward=_forward,
+    plan = detector_plan(detector, config.w_bits, config.a_bits)
+    apply_plan(detector, plan)
+    calibrate_model(detector, plan, source.batches(dataset, device), config, images=len(dataset), forward=_forward,
                     progress=progress)
     return detector, params_before
 

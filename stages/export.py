@@ -116,11 +116,11 @@ def load_export(path: Path, device="cpu"):
     from torch import nn
 
     from aphq_cli.artifacts import load_artifact
+    from aphq_cli.models.plan import quantize_model
     from aphq_cli.models.zoo import build_model
     from aphq_cli.quant.modules import quantizers
     from aphq_cli.quant.packing import unpack
     from aphq_cli.quant.primitives import dequantize
-    from aphq_cli.quant.wrap import quantize_model
     from aphq_cli.runs import apply_params
 
     tensors, header = load_artifact(path, stage=STAGE)

@@ -191,6 +191,7 @@ def mlp_recon(*, model: str, run: Path, iters: int | None = None, images: int | 
     """
     from aphq_cli import distributed
     from aphq_cli.artifacts import is_current, load_artifact, save_artifact, sha256_json
+    from aphq_cli.models.plan import RPN_TASK
     from aphq_cli.quant.aph import ensure_block_aph
     from aphq_cli.runs import ModelSource, aph_cache, prepare_run, stage_path
     from aphq_cli.tensorcache import TensorCache
@@ -227,7 +228,7 @@ def mlp_recon(*, model: str, run: Path, iters: int | None = None, images: int | 
                       {f"{n}.ub": torch.tensor(v) for n, v in ubs.items()},
                       stage="mlp-recon-ub", config=header, inputs=inputs)
     for name, block in blocks:  # APH needs the untouched float model: all blocks first
-        ensure_block_aph(detector, name, block, images, aph, config.delta,
+        ensure_block_aph(detector, name, block, images, aph, RPN_TASK, config.delta,
                          lambda d, t, name=name: report(f"APH {name}", d, t))
     if not main:
         return out, False

@@ -24,6 +24,7 @@ from torch import nn
 
 from aphq_cli.data.coco import check_calib_split
 from aphq_cli.errors import AphqError
+from aphq_cli.models.plan import units_of
 from aphq_cli.quantconfig import stage_settings
 from aphq_cli.settings import resolve_settings, settings_from_dict, with_arguments
 
@@ -86,11 +87,6 @@ LOSSES: dict[str, str] = {
 # reconstruction. "linear" is the published code's: Linear-layer inputs only;
 # "all" also drops on the attention-matmul operands and conv inputs (the image too).
 QDROP_SCOPES = ("linear", "all")
-
-
-def units_of(detector: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The reconstruction units in forward order: backbone units, then the neck."""
-    return [(f"backbone.{n}", m) for n, m in detector.backbone.units()] + [("neck", detector.neck)]
 
 
 class SoftRounding(nn.Module):
@@ -292,17 +288,18 @@ class UnitCaches:
 def _loss_weights(loss: str, k: int, name: str, unit_q, detector, fp, caches: UnitCaches, aph, delta: float,
                   report) -> Callable[[int], torch.Tensor | None]:
     """``index -> weight map`` of the chosen loss for a backbone unit (None: plain MSE)."""
+    from aphq_cli.models.plan import RPN_TASK
     from aphq_cli.quant.aph import block_fisher, ensure_block_aph
 
     if name == "neck" or loss == "mse":
         return lambda i: None
     if loss == "aph":
-        ensure_block_aph(fp, name, fp.get_submodule(name), caches.imgs, aph, delta,
+        ensure_block_aph(fp, name, fp.get_submodule(name), caches.imgs, aph, RPN_TASK, delta,
                          lambda d, t: report(f"APH {name}", d, t))
         return lambda i: aph.get(name, i, caches.device)["aph"]
     if loss == "fisher":
         entry = f"fisher/{k}"
-        _fill(caches.cache, entry, caches.count, lambda i: block_fisher(detector, fp, unit_q, caches.imgs[i]),
+        _fill(caches.cache, entry, caches.count, lambda i: block_fisher(detector, fp, unit_q, caches.imgs[i], RPN_TASK),
               lambda d, t: report(f"Fisher {name}", d, t))
         return lambda i: _get(caches.cache, entry, i, caches.device)
     raise AphqError(f"unknown loss {loss!r}")

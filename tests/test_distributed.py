@@ -53,7 +53,7 @@ def test_two_process_eval_equals_one_process(synth_dir, tmp_path):
 
 def test_two_process_aph_equals_one_process(synth_dir, random_tiny_checkpoint, tmp_path):
     from stages.calibrate import calibrate
-    from stages.reconstruct import units_of
+    from aphq_cli.models.plan import units_of
     from aphq_cli.runs import load_stage
 
     run = tmp_path / "one"

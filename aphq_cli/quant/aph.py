@@ -16,6 +16,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from aphq_cli.quant.plan import Task
+
 DELTA = 1e-3
 OBJECTNESS = 0.7  # anchors whose float objectness exceeds this carry the box term
 _EPS = 1e-7
@@ -102,26 +104,24 @@ def capture_output(module: nn.Module) -> Iterator[list]:
         handle.remove()
 
 
-def rpn_outputs(detector: nn.Module, img: torch.Tensor) -> tuple[list, list]:
-    """Backbone -> neck -> RPN head of an mmdetection two-stage detector; RoI heads are not run."""
-    cls, reg = detector.rpn_head(detector.extract_feat(img))
-    return list(cls), list(reg)
-
-
-def block_aph(detector: nn.Module, block: nn.Module, img: torch.Tensor, delta: float = DELTA) -> torch.Tensor:
+def block_aph(detector: nn.Module, block: nn.Module, img: torch.Tensor, task: Task,
+              delta: float = DELTA) -> torch.Tensor:
     """Normalized APH weight of ``block``'s output for one image batch, from the float detector.
+
+    Args:
+        task: the model's task loss (for our detectors the RPN's, method.md §4).
 
     Returns:
         The block output's shape (``(B, H, W, C)`` for Swin units), mean 1 per image.
     """
     with torch.no_grad(), capture_output(block) as seen:
-        cls_fp, reg_fp = rpn_outputs(detector, img)
+        target = task.outputs(detector, img)
     output = seen[0]
 
     def loss_fn(o: torch.Tensor) -> torch.Tensor:
         with replace_output(block, o):
-            cls, reg = rpn_outputs(detector, img)
-        return rpn_task_loss(cls, reg, cls_fp, reg_fp)
+            out = task.outputs(detector, img)
+        return task.loss(out, target)
 
     with _frozen(detector):
         weight = perturbation_gradients(loss_fn, output, delta)
@@ -142,7 +142,7 @@ def _frozen(model: nn.Module) -> Iterator[None]:
 
 
 def ensure_block_aph(detector: nn.Module, name: str, block: nn.Module, images: Sequence[torch.Tensor],
-                     cache, delta: float = DELTA, progress=None) -> None:
+                     cache, task: Task, delta: float = DELTA, progress=None) -> None:
     """Compute and cache the APH weight of ``block`` for every image, unless cached already.
 
     Under torchrun every rank computes its share of the images into the
@@ -152,27 +152,28 @@ def ensure_block_aph(detector: nn.Module, name: str, block: nn.Module, images: S
         images: model inputs ``(1, 3, H, W)`` in dataset order.
         cache: a :class:`~aphq_cli.tensorcache.TensorCache`; entry ``name``
             holds one ``aph`` tensor per image.
+        task: the model's task loss.
         progress: optional callable ``(done, total)`` over images.
     """
-    cache.fill(name, len(images), lambda i: {"aph": block_aph(detector, block, images[i], delta)}, progress)
+    cache.fill(name, len(images), lambda i: {"aph": block_aph(detector, block, images[i], task, delta)}, progress)
 
 
-def block_fisher(detector: nn.Module, fp: nn.Module, block: nn.Module, img: torch.Tensor) -> torch.Tensor:
+def block_fisher(detector: nn.Module, fp: nn.Module, block: nn.Module, img: torch.Tensor, task: Task) -> torch.Tensor:
     """BRECQ's weight: the squared task-loss gradient at ``block``'s output in the partially quantized model.
 
-    The task loss compares the quantized detector's RPN outputs with the float
+    The task loss compares the quantized detector's outputs with the float
     model's; unlike APH this depends on the quantization state, so it is not
     cached across runs. Normalized per image to mean 1 like APH.
     """
     with torch.no_grad():
-        cls_fp, reg_fp = rpn_outputs(fp, img)
+        target = task.outputs(fp, img)
     with torch.no_grad(), capture_output(block) as seen:
-        rpn_outputs(detector, img)
+        task.outputs(detector, img)
 
     def loss_fn(o: torch.Tensor) -> torch.Tensor:
         with replace_output(block, o):
-            cls, reg = rpn_outputs(detector, img)
-        return rpn_task_loss(cls, reg, cls_fp, reg_fp)
+            out = task.outputs(detector, img)
+        return task.loss(out, target)
 
     o = seen[0].detach().requires_grad_(True)
     with _frozen(detector), torch.enable_grad():

@@ -18,9 +18,10 @@ import torch
 from torch import nn
 
 from aphq_cli.errors import AphqError
-from aphq_cli.quant.modules import QuantConv2d, QuantLinear, QuantMatMul
+from aphq_cli.quant.modules import QuantConv2d, QuantMatMul
 from aphq_cli.quant.primitives import matmul_percentiles, search_matmul, search_rowwise
-from aphq_cli.quant.wrap import fold_channel_scales, layer_norm_of, padding_block, quant_layers, reparam_factors
+from aphq_cli.quant.plan import QuantPlan
+from aphq_cli.quant.wrap import fold_channel_scales, quant_layers, reparam_factors
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,7 @@ def _flat(rows: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def calibrate_layer(model: nn.Module, name: str, layer: nn.Module, recorder: InputRecorder,
+def calibrate_layer(model: nn.Module, plan: QuantPlan, name: str, layer: nn.Module, recorder: InputRecorder,
                     settings: SearchSettings) -> None:
     """Search and set the quantizers of one layer from its recorded inputs."""
     if isinstance(layer, QuantMatMul):
@@ -116,14 +117,15 @@ def calibrate_layer(model: nn.Module, name: str, layer: nn.Module, recorder: Inp
         return
     x = torch.cat(recorder.rows[name]).float()  # (M, C)
     bits = layer.a_quant.bits
-    norm = layer_norm_of(name) if isinstance(layer, QuantLinear) else None
-    if norm is not None and settings.reparam and settings.a_bits == settings.w_bits:
+    lp = plan.layers[name]
+    if _folds(lp, settings):
         # Per-channel first, folded into the LayerNorm so one scale serves (RepQ).
         s_c, z_c = search_rowwise(x.T.contiguous(), bits, eq_n=settings.eq_n, pct=settings.pct)
         _, _, r, b = reparam_factors(s_c, z_c, bits)
-        fold_channel_scales(model.get_submodule(norm), layer, r, b, padding_block(model, norm))
+        pad = model.get_submodule(lp.pad_owner) if lp.pad_owner is not None else None
+        fold_channel_scales(model.get_submodule(lp.norm), layer, r, b, pad)
         x = x / r - b
-    fixed_zero = settings.fc2_zero and name.endswith("mlp.fc2")
+    fixed_zero = settings.fc2_zero and lp.relu_input
     s, z = search_rowwise(_flat(x), bits, eq_n=settings.eq_n, pct=settings.pct, fixed_zero=fixed_zero)
     layer.a_quant.set_params(s, z)
     w = layer.weight.detach().reshape(layer.weight.shape[0], -1)
@@ -131,11 +133,17 @@ def calibrate_layer(model: nn.Module, name: str, layer: nn.Module, recorder: Inp
     layer.w_quant.set_params(ws, wz)
 
 
-def calibrate_model(model: nn.Module, batches, settings: SearchSettings, *, images: int,
+def _folds(lp, settings: SearchSettings) -> bool:
+    """Whether this layer's input scales fold into its LayerNorm (RepQ, when weights and inputs share bits)."""
+    return lp.kind == "linear" and lp.norm is not None and settings.reparam and settings.a_bits == settings.w_bits
+
+
+def calibrate_model(model: nn.Module, plan: QuantPlan, batches, settings: SearchSettings, *, images: int,
                     forward: Callable[[nn.Module, object], None], progress=None) -> list[str]:
     """Record inputs over ``batches`` with the model in float, then calibrate every layer.
 
     Args:
+        plan: the plan ``model`` was quantized by (which norms fold, which inputs follow a ReLU).
         batches: iterable of model inputs; ``forward(model, batch)`` runs one.
         images: how many batches, to split the sample bound between them.
         progress: optional callable ``(done, total)`` over layers.
@@ -150,9 +158,8 @@ def calibrate_model(model: nn.Module, batches, settings: SearchSettings, *, imag
             forward(model, batch)
     folded = []
     for i, (name, layer) in enumerate(layers.items()):
-        before = layer_norm_of(name)
-        calibrate_layer(model, name, layer, recorder, settings)
-        if before and isinstance(layer, QuantLinear) and settings.reparam and settings.a_bits == settings.w_bits:
+        calibrate_layer(model, plan, name, layer, recorder, settings)
+        if _folds(plan.layers[name], settings):
             folded.append(name)
         recorder.rows[name], recorder.pairs[name] = [], []  # free as we go
         if progress is not None:

@@ -1,8 +1,10 @@
 """Turning a float detector into a fake-quantized one, and the RepQ reparameterization.
 
-:func:`quantize_model` swaps every Linear, Conv2d and window-attention MatMul
-for its quantized counterpart in place (the weights are shared, not copied).
-:func:`fold_channel_scales` is the scale reparameterization of method.md §2.
+:func:`apply_plan` swaps every layer a :class:`~aphq_cli.quant.plan.QuantPlan`
+names for its quantized counterpart in place (the weights are shared, not
+copied). :func:`fold_channel_scales` is the scale reparameterization of
+method.md §2. Which layers, with which bits, is the model's to say
+(``aphq_cli/models/plan.py``); nothing here knows the model.
 """
 
 from __future__ import annotations
@@ -10,13 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from aphq_cli.models.swin import MatMul, SwinBlock, WindowAttention
-from aphq_cli.quant.modules import QuantConv2d, QuantLinear, QuantMatMul
-
-IMAGE_BITS = 8  # the patch embedding's input, the image, stays at 8 bits
-
-# Layers whose input is a LayerNorm output, and that LayerNorm (relative names).
-LN_FOLLOWERS = {"attn.qkv": "norm1", "mlp.fc1": "norm2", "downsample.reduction": "downsample.norm"}
+from aphq_cli.quant.modules import QuantConv2d, QuantLinear, QuantMatMul, quantizers
+from aphq_cli.quant.plan import QuantPlan
 
 
 def _set(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -24,45 +21,26 @@ def _set(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-def quantize_model(model: nn.Module, w_bits: int, a_bits: int) -> nn.Module:
-    """Replace Linear/Conv2d/MatMul of ``model`` with quantized layers, in place.
+def apply_plan(model: nn.Module, plan: QuantPlan) -> nn.Module:
+    """Replace every layer ``plan`` names with its quantized layer, in place; returns ``model``.
 
-    Quantizers start disabled; calibration sets and enables them. Subclasses
-    count (mmcv's ``Conv2d`` wrapper, the mask head's ``conv_logits``), as in
-    the published code. Transposed convolutions (the mask head's upsampling)
-    are no Conv2d and stay in floating point there too.
+    Quantizers start disabled; calibration sets and enables them.
     """
-    heads = {f"{n}.{m}": mod.heads for n, mod in model.named_modules() if isinstance(mod, WindowAttention)
-             for m in ("matmul_qk", "matmul_av")}
-    for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear):
-            _set(model, name, QuantLinear(module, w_bits, a_bits))
-        elif isinstance(module, nn.Conv2d):
-            image = name.endswith("patch_embed.proj")
-            _set(model, name, QuantConv2d(module, w_bits, IMAGE_BITS if image else a_bits))
-        elif isinstance(module, MatMul):
-            _set(model, name, QuantMatMul(heads[name], a_bits))
+    for name, lp in plan.layers.items():
+        if lp.kind == "linear":
+            _set(model, name, QuantLinear(model.get_submodule(name), lp.w_bits, lp.a_bits))
+        elif lp.kind == "conv":
+            _set(model, name, QuantConv2d(model.get_submodule(name), lp.w_bits, lp.a_bits))
+        elif lp.kind == "matmul":
+            _set(model, name, QuantMatMul(lp.heads, lp.a_bits))
+        else:
+            raise ValueError(f"{name}: unknown layer kind {lp.kind!r}")
     return model
 
 
 def quant_layers(model: nn.Module) -> dict[str, nn.Module]:
     """The quantized layers in module order."""
     return {n: m for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantConv2d, QuantMatMul))}
-
-
-def padding_block(model: nn.Module, norm_name: str) -> SwinBlock | None:
-    """The Swin block whose ``norm1`` is ``norm_name`` (it pads that norm's output), else None."""
-    owner, _, attr = norm_name.rpartition(".")
-    block = model.get_submodule(owner) if owner else model
-    return block if attr == "norm1" and isinstance(block, SwinBlock) else None
-
-
-def layer_norm_of(layer_name: str) -> str | None:
-    """Qualified name of the LayerNorm feeding ``layer_name``, if it is one of the RepQ layers."""
-    for suffix, norm in LN_FOLLOWERS.items():
-        if layer_name.endswith("." + suffix):
-            return f"{layer_name[: -len(suffix) - 1]}.{norm}"
-    return None
 
 
 def reparam_factors(s_c: torch.Tensor, z_c: torch.Tensor, bits: int
@@ -83,7 +61,7 @@ def reparam_factors(s_c: torch.Tensor, z_c: torch.Tensor, bits: int
 
 @torch.no_grad()
 def fold_channel_scales(norm: nn.LayerNorm, layer: QuantLinear, r: torch.Tensor, b: torch.Tensor,
-                        padded_by: SwinBlock | None = None) -> None:
+                        padded_by: nn.Module | None = None) -> None:
     """Fold ``y' = y / r - b`` into ``norm`` and its compensation into ``layer``.
 
     ``norm.weight /= r``, ``norm.bias = norm.bias / r - b``,
@@ -92,11 +70,11 @@ def fold_channel_scales(norm: nn.LayerNorm, layer: QuantLinear, r: torch.Tensor,
     gains a bias.
 
     Args:
-        padded_by: the Swin block that pads ``norm``'s output to whole windows
-            (``norm`` is its ``norm1``). A padded token is zero in the float
-            model, ``-b`` after the fold, so the block pads with ``-b``:
-            otherwise every window holding padding attends to other keys and
-            values than in float.
+        padded_by: the module that pads ``norm``'s output to whole windows
+            (a Swin block pads its ``norm1``), through its ``pad_value``. A
+            padded token is zero in the float model, ``-b`` after the fold, so
+            the block pads with ``-b``: otherwise every window holding padding
+            attends to other keys and values than in float.
     """
     if padded_by is not None:
         padded_by.pad_value = nn.Parameter(-b.detach().clone(), requires_grad=False)
@@ -128,8 +106,6 @@ def keep_float(model: nn.Module, parts: list[str] | tuple[str, ...]) -> int:
     Raises:
         ValueError: a part names no quantized module, or weights on their grid.
     """
-    from aphq_cli.quant.modules import quantizers
-
     found = quantizers(model)
     chosen: dict[str, nn.Module] = {}
     for part in parts:

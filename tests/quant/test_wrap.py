@@ -7,8 +7,8 @@ from torch import nn
 from aphq_cli.models.swin import APHQSwinTransformer, SwinBlock
 from aphq_cli.quant.modules import QuantConv2d, QuantLinear, QuantMatMul, quantizers
 from aphq_cli.quant.primitives import fake_quantize, quantize, search_rowwise
-from aphq_cli.quant.wrap import (fold_channel_scales, keep_float, layer_norm_of, padding_block, quantize_model,
-                                 reparam_factors)
+from aphq_cli.models.plan import layer_norm_of, padding_block, quantize_model
+from aphq_cli.quant.wrap import fold_channel_scales, keep_float, reparam_factors
 
 
 def _block(seed=0):

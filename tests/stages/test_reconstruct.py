@@ -213,7 +213,7 @@ def test_qdrop_keeps_the_quantized_value_with_probability_drop_prob():
 
 def test_qdrop_acts_on_linear_inputs_by_default():
     from aphq_cli.models.swin import SwinBlock
-    from aphq_cli.quant.wrap import quantize_model
+    from aphq_cli.models.plan import quantize_model
     from stages.reconstruct import qdrop_quantizers
 
     block = quantize_model(torch.nn.Sequential(SwinBlock(8, 2, 7, 0, 4.0, True, None, 0.0, 0.0, 0.0)), 4, 4)[0]
