@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aphq_cli.errors import AphqError
+from aphq_cli.evalrecords import eval_record_path, read_eval_record
 
 # Stage folders whose block files carry losses, and their header stage names.
 BLOCK_STAGES = {"mlp-recon": ("mlp_recon", "mlp-recon-block"), "reconstruct": ("reconstruct", "reconstruct-unit")}
@@ -40,7 +41,6 @@ def collect(run: Path) -> RunReport:
     """Read block losses and current evaluation records of ``run``."""
     from aphq_cli.artifacts import read_header, sha256_file
     from aphq_cli.runs import stage_path
-    from stages.eval import eval_record_path, read_eval_record
 
     run = Path(run)
     if not run.is_dir():

@@ -16,6 +16,9 @@ from typing import Iterator
 import torch
 
 from aphq_cli.errors import AphqError
+from aphq_cli.models.plan import detector_plan
+from aphq_cli.quant.modules import load_quant_state, quant_state
+from aphq_cli.quant.wrap import apply_plan, plan_from_map
 
 # Bumps when the estimate itself changes, so older cached estimates are not reused.
 APH_VERSION = 2  # 2: the box term averages over every element of a level (method.md §4)
@@ -140,7 +143,7 @@ class ModelSource:
                                     device=resolve_device(str(device)), cfg=self.cfg)
         if mlp_recon is not None:
             from aphq_cli.artifacts import load_artifact
-            from stages.mlp_recon import apply_mlp_recon
+            from aphq_cli.models.surgery import apply_mlp_recon
             apply_mlp_recon(detector, load_artifact(mlp_recon, stage="mlp-recon", device=device)[0])
         return detector
 
@@ -221,6 +224,34 @@ def apply_params(model: torch.nn.Module, params: dict[str, torch.Tensor]) -> Non
         setattr(module, attr, torch.nn.Parameter(value.clone().to(next(model.parameters()).device)))
 
 
+def quantized_tensors(detector, params_before: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Quantizer state plus every parameter that differs from the float model's."""
+    quant = quant_state(detector)
+    tensors = {f"quant:{k}": v for k, v in quant.items()}
+    for name, value in detector.state_dict().items():
+        if name in quant:
+            continue
+        if name not in params_before or not torch.equal(params_before[name], value):
+            tensors[f"param:{name}"] = value.detach().clone()
+    return tensors
+
+
+def saved_plan(detector: torch.nn.Module, config: dict, w_bits: int, a_bits: int, path: Path):
+    """The plan an artifact's header records (its ``quantization_map``), checked against the model.
+
+    An artifact written before the map was recorded (it has no
+    ``quantization_map``) gets the model's plan at its ``w_bits``/``a_bits``,
+    which is what those versions built.
+    """
+    plan = detector_plan(detector, w_bits, a_bits)
+    if "quantization_map" not in config:
+        return plan
+    try:
+        return plan_from_map(config["quantization_map"], set(plan.layers))
+    except ValueError as err:
+        raise AphqError(f"{path} cannot be rebuilt: {err}; rerun the stage that wrote it") from err
+
+
 def load_stage(run: Path, stage: str | None = None, device="cpu", *, trust_checkpoint: bool = False):
     """Rebuild the quantized detector a stage's artifact describes.
 
@@ -231,8 +262,6 @@ def load_stage(run: Path, stage: str | None = None, device="cpu", *, trust_check
         ``(detector, source, header)``.
     """
     from aphq_cli.artifacts import load_artifact, read_header, sha256_file
-    from aphq_cli.quant.modules import load_quant_state
-    from aphq_cli.models.plan import quantize_model
 
     stage = stage or newest_stage(run)
     if stage not in STAGES:
@@ -253,7 +282,7 @@ def load_stage(run: Path, stage: str | None = None, device="cpu", *, trust_check
             raise AphqError(f"{mlp} changed or is gone since {path} was made; rerun the stage")
     detector = source.build(device, mlp_recon=Path(mlp) if mlp else None)
     bits = config["calibrate"]
-    quantize_model(detector, bits["w_bits"], bits["a_bits"])
+    apply_plan(detector, saved_plan(detector, config, bits["w_bits"], bits["a_bits"], path))
     apply_params(detector, {k[len("param:"):]: v for k, v in tensors.items() if k.startswith("param:")})
     try:
         load_quant_state(detector, {k[len("quant:"):]: v for k, v in tensors.items() if k.startswith("quant:")})

@@ -20,6 +20,7 @@ from aphq_cli.errors import AphqError
 from aphq_cli.quantconfig import stage_settings
 from aphq_cli.settings import resolve_settings, settings_from_dict, with_arguments
 from aphq_cli.quant.calib import SearchSettings
+from aphq_cli.quant.wrap import quantization_map
 
 STAGE = "calibrate"
 # 2: a folded Swin block pads with -b (float-exact); 3: interpolated percentiles; 4: conv_logits
@@ -79,7 +80,7 @@ def calibrate(*, model: str, run: Path, w_bits: int | None = None, a_bits: int |
         ``(artifact path, cache hit)``.
     """
     from aphq_cli.artifacts import is_current, read_header, save_artifact, sha256_file
-    from aphq_cli.runs import ModelSource, prepare_run, stage_path
+    from aphq_cli.runs import ModelSource, prepare_run, quantized_tensors, stage_path
 
     overrides = with_arguments(settings, w_bits=w_bits, a_bits=a_bits, calib_images=calib_images,
                                calib_split=calib_split)
@@ -112,7 +113,8 @@ def calibrate(*, model: str, run: Path, w_bits: int | None = None, a_bits: int |
     detector, params_before = build_calibrated(source, config, dataset, device, mlp_recon=mlp, progress=progress)
     tensors = quantized_tensors(detector, params_before)
     header = source.header(dataset, config.calib_split) | {
-        "calibrate": asdict(config), "mlp_recon_artifact": str(mlp.resolve()) if mlp else "", "quant_config": qc_label}
+        "calibrate": asdict(config), "mlp_recon_artifact": str(mlp.resolve()) if mlp else "", "quant_config": qc_label,
+        "quantization_map": quantization_map(detector)}
     save_artifact(out, tensors, stage=STAGE, config=header, inputs=inputs,
                   extra={"model": source.spec.name})
     return out, False
@@ -165,17 +167,3 @@ def _options_fingerprint(config: CalibrateConfig) -> str:
 def _forward(detector, batch) -> None:
     with torch.no_grad():
         detector(return_loss=False, rescale=True, **batch)
-
-
-def quantized_tensors(detector, params_before: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Quantizer state plus every parameter that differs from the float model's."""
-    from aphq_cli.quant.modules import quant_state
-
-    quant = quant_state(detector)
-    tensors = {f"quant:{k}": v for k, v in quant.items()}
-    for name, value in detector.state_dict().items():
-        if name in quant:
-            continue
-        if name not in params_before or not torch.equal(params_before[name], value):
-            tensors[f"param:{name}"] = value.detach().clone()
-    return tensors

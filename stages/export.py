@@ -15,14 +15,10 @@ from pathlib import Path
 import torch
 
 from aphq_cli.errors import AphqError
+from aphq_cli.exports import EXPORT_FORMAT, weight_layers
+from aphq_cli.quant.wrap import quantization_map
 
 STAGE = "export"
-EXPORT_FORMAT = 1
-
-
-def _weight_layers(detector) -> dict:
-    from aphq_cli.quant.modules import QuantConv2d, QuantLinear
-    return {n: m for n, m in detector.named_modules() if isinstance(m, (QuantLinear, QuantConv2d))}
 
 
 def export_tensors(detector) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
@@ -33,7 +29,7 @@ def export_tensors(detector) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
 
     tensors: dict[str, torch.Tensor] = {}
     manifest: dict[str, dict] = {}
-    layers = _weight_layers(detector)
+    layers = weight_layers(detector)
     for name, layer in layers.items():
         q = layer.w_quant
         codes = quantize(layer.weight.detach(), q.scale, q.zero_point, q.bits)
@@ -98,65 +94,10 @@ def export(*, run: Path, out: Path, stage: str | None = None, trust_checkpoint: 
         "w_bits": bits["w_bits"],
         "a_bits": bits["a_bits"],
         "relu_mlp_blocks": relu,
+        "quantization_map": quantization_map(detector),
         "mmdet_config": json.loads(json.dumps(source.cfg._cfg_dict.to_dict(), default=str)),
         "manifest": manifest,
     }
     return save_artifact(out, tensors, stage=STAGE, config=config,
                          inputs=inputs,
                          extra={"model": header.extra.get("model", "")})
-
-
-def load_export(path: Path, device="cpu"):
-    """Rebuild the fake-quantized detector from an export alone.
-
-    Returns:
-        ``(detector, mmcv config, header)``.
-    """
-    from mmcv import Config
-    from torch import nn
-
-    from aphq_cli.artifacts import load_artifact
-    from aphq_cli.models.plan import quantize_model
-    from aphq_cli.models.zoo import build_model
-    from aphq_cli.quant.modules import quantizers
-    from aphq_cli.quant.packing import unpack
-    from aphq_cli.quant.primitives import dequantize
-    from aphq_cli.runs import apply_params
-
-    tensors, header = load_artifact(path, stage=STAGE)
-    config = header.config
-    if config.get("export_format") != EXPORT_FORMAT:
-        raise AphqError(f"{path} is export format {config.get('export_format')}, this aphq reads {EXPORT_FORMAT}")
-    cfg = Config(config["mmdet_config"])
-    detector = build_model(cfg)
-    for block in config["relu_mlp_blocks"]:
-        detector.get_submodule(f"{block}.mlp").act = nn.ReLU()
-    quantize_model(detector, config["w_bits"], config["a_bits"])
-    layers = _weight_layers(detector)
-    expected = {f"w:{n}" for n in layers}
-    found = {k for k in tensors if k.startswith("w:") and not k.endswith((".scale", ".zero_point"))}
-    if found != expected:
-        raise AphqError(f"{path} does not match its model config: packed weights differ "
-                        f"({len(found ^ expected)} layer(s))")
-    with torch.no_grad():
-        for name, layer in layers.items():
-            shape = tuple(config["manifest"][f"w:{name}"]["shape"])
-            q = layer.w_quant
-            scale = tensors[f"w:{name}.scale"].reshape(q.scale.shape)
-            zero = tensors[f"w:{name}.zero_point"].float().reshape(q.zero_point.shape)
-            layer.weight.copy_(dequantize(unpack(tensors[f"w:{name}"], q.bits, shape), scale, zero))
-            q.set_params(scale, zero)
-        for name, q in quantizers(detector).items():
-            if f"a:{name}.scale" in tensors:
-                q.set_params(tensors[f"a:{name}.scale"], tensors[f"a:{name}.zero_point"])
-        floats = {k[len("fp:"):]: v for k, v in tensors.items() if k.startswith("fp:")}
-        apply_params(detector, floats)
-    covered = set(floats) | {f"{n}.weight" for n in layers} | {
-        f"{n}.{b}" for n in quantizers(detector) for b in ("scale", "zero_point")}
-    missing = [k for k in detector.state_dict() if k not in covered]
-    if missing:
-        raise AphqError(f"{path} lacks {len(missing)} parameter(s) of its model, such as {missing[0]}")
-    unset = [n for n, q in quantizers(detector).items() if not q.enabled]
-    if unset:
-        raise AphqError(f"{path} lacks quantizer parameters, such as for {unset[0]}")
-    return detector.to(device), cfg, header

@@ -165,17 +165,6 @@ def collect_mlp_io(detector: nn.Module, blocks: list[tuple[str, nn.Module]], ima
     return ubs
 
 
-def apply_mlp_recon(detector: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Swap GELU for ReLU in every reconstructed block and load its fc1/fc2."""
-    state = detector.state_dict()
-    blocks = {name[: -len(".ub")] for name in tensors if name.endswith(".ub")}
-    for block in blocks:
-        mlp = detector.get_submodule(f"{block}.mlp")
-        mlp.act = nn.ReLU()
-        for key in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"):
-            state[f"{block}.mlp.{key}"].copy_(tensors[f"{block}.mlp.{key}"])
-
-
 def mlp_recon(*, model: str, run: Path, iters: int | None = None, images: int | None = None,
               calib_split: str | None = None,
               checkpoint: Path | None = None, data: Path | None = None, device: str = "cpu",

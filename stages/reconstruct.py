@@ -25,6 +25,7 @@ from torch import nn
 from aphq_cli.data.coco import check_calib_split
 from aphq_cli.errors import AphqError
 from aphq_cli.models.plan import units_of
+from aphq_cli.quant.wrap import quantization_map
 from aphq_cli.quantconfig import stage_settings
 from aphq_cli.settings import resolve_settings, settings_from_dict, with_arguments
 
@@ -323,7 +324,7 @@ def reconstruct(*, run: Path, loss: str | None = None, iters: int | None = None,
     from aphq_cli.devices import resolve_device
     from aphq_cli.runs import aph_cache, load_stage, prepare_run, stage_path
     from aphq_cli.tensorcache import TensorCache
-    from stages.calibrate import quantized_tensors
+    from aphq_cli.runs import quantized_tensors
 
     overrides = with_arguments(settings, loss=loss, iters=iters, images=images, calib_split=calib_split)
     qc_label, qc_values = stage_settings(quant_config, STAGE)
@@ -386,6 +387,7 @@ def reconstruct(*, run: Path, loss: str | None = None, iters: int | None = None,
     if not main:
         return out, False
     cache.drop("")
+    header["quantization_map"] = quantization_map(detector)
     save_artifact(out, quantized_tensors(detector, before), stage=STAGE, config=header, inputs=inputs,
                   extra={"model": source.spec.name})
     return out, False

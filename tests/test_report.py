@@ -9,7 +9,7 @@ from aphq_cli.artifacts import save_artifact, sha256_file
 from aphq_cli.cli import app
 from aphq_cli.errors import AphqError
 from aphq_cli.report import collect, write_report
-from stages.eval import EvalResult, eval_record_path, write_eval_record
+from aphq_cli.evalrecords import EvalResult, eval_record_path, write_eval_record
 
 
 def _metrics(box, mask):

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from aphq_cli.quant.modules import QuantConv2d, QuantLinear, QuantMatMul, quantizers
-from aphq_cli.quant.plan import QuantPlan
+from aphq_cli.quant.plan import LayerPlan, QuantPlan
 
 
 def _set(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -41,6 +41,53 @@ def apply_plan(model: nn.Module, plan: QuantPlan) -> nn.Module:
 def quant_layers(model: nn.Module) -> dict[str, nn.Module]:
     """The quantized layers in module order."""
     return {n: m for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantConv2d, QuantMatMul))}
+
+
+def quantization_map(model: nn.Module) -> dict[str, dict[str, int | str]]:
+    """Every quantized layer's kind and bits (a matmul's head count too), in module order.
+
+    Saved in every quantized artifact and export, so a reload builds each
+    layer with the bits it was calibrated with (:func:`plan_from_map`), not
+    with bits re-derived from the stage settings.
+    """
+    out: dict[str, dict[str, int | str]] = {}
+    for name, m in quant_layers(model).items():
+        if isinstance(m, QuantMatMul):
+            out[name] = {"kind": "matmul", "w_bits": 0, "a_bits": m.a_quant.bits, "heads": m.a_quant.scale.shape[1]}
+        else:
+            kind = "linear" if isinstance(m, QuantLinear) else "conv"
+            out[name] = {"kind": kind, "w_bits": m.w_quant.bits, "a_bits": m.a_quant.bits}
+    return out
+
+
+def plan_from_map(qmap: object, layers: set[str] | None = None) -> QuantPlan:
+    """The plan a saved :func:`quantization_map` describes: layers and bits, enough to rebuild a calibrated model.
+
+    Args:
+        layers: the names the model's own plan quantizes; the map must name exactly these.
+
+    Raises:
+        ValueError: the map is not one this code wrote, or names other layers than ``layers``.
+    """
+    if not isinstance(qmap, dict) or not qmap:
+        raise ValueError("its quantization map is missing or empty")
+    plans = {}
+    for name, entry in qmap.items():
+        if not isinstance(entry, dict) or entry.get("kind") not in ("linear", "conv", "matmul"):
+            raise ValueError(f"its quantization map entry for {name!r} is not a layer")
+        bits = {k: entry.get(k) for k in ("w_bits", "a_bits")}
+        heads = entry.get("heads", 1)
+        matmul = entry["kind"] == "matmul"
+        ok = all(isinstance(v, int) and not isinstance(v, bool) for v in (*bits.values(), heads))
+        if not ok or not 2 <= bits["a_bits"] <= 8 or not (bits["w_bits"] == 0 if matmul else 2 <= bits["w_bits"] <= 8) \
+                or heads < 1:
+            raise ValueError(f"its quantization map gives {name!r} impossible bits {bits} or heads {heads!r}")
+        plans[name] = LayerPlan(entry["kind"], bits["w_bits"], bits["a_bits"], heads=heads)
+    if layers is not None and set(plans) != layers:
+        extra, missing = sorted(set(plans) - layers), sorted(layers - set(plans))
+        example = f"it names {extra[0]}" if extra else f"it lacks {missing[0]}"
+        raise ValueError(f"its quantization map does not fit the model ({example})")
+    return QuantPlan(plans)
 
 
 def reparam_factors(s_c: torch.Tensor, z_c: torch.Tensor, bits: int

@@ -157,3 +157,42 @@ def _fast_config(folder):
     path = folder / "fast.toml"
     path.write_text("[calibrate]\n" + "".join(f"{k} = {v}\n" for k, v in FAST.items()))
     return path
+
+
+def _rewrite(path, config):
+    """The same artifact with another header config (what an older aphq, or a hand edit, would leave)."""
+    from aphq_cli.artifacts import load_artifact, save_artifact
+    tensors, header = load_artifact(path)
+    save_artifact(path, tensors, stage=header.stage, config=config, inputs=header.inputs, extra=header.extra)
+
+
+def test_reload_builds_every_quantizer_from_the_saved_map(synth_dir, random_tiny_checkpoint, tmp_path):
+    from aphq_cli.quant.modules import quantizers
+    from aphq_cli.quant.wrap import quant_layers
+
+    run = tmp_path / "run"
+    path, _ = calibrate(model="tiny-mask-rcnn", run=run, w_bits=4, a_bits=4, calib_images=1,
+                        checkpoint=random_tiny_checkpoint, data=synth_dir, settings=FAST)
+    source = ModelSource.open("tiny-mask-rcnn", random_tiny_checkpoint, synth_dir)
+    loaded, _, header = load_stage(run)
+    qmap = header.config["quantization_map"]
+    assert set(qmap) == set(quant_layers(loaded))  # every quantized layer
+    assert qmap["backbone.patch_embed.proj"] == {"kind": "conv", "w_bits": 4, "a_bits": 8}  # the image: 8 bits
+    assert {q.bits for n, q in quantizers(loaded).items() if "patch_embed" not in n} == {4}
+
+    # The map, not w_bits/a_bits, decides: a layer the map gives 6 bits is rebuilt with 6.
+    edited = dict(header.config, quantization_map=dict(qmap, **{"neck.fpn_convs.0.conv": {
+        "kind": "conv", "w_bits": 6, "a_bits": 6}}))
+    _rewrite(path, edited)
+    rebuilt, _, _ = load_stage(run)
+    assert rebuilt.neck.fpn_convs[0].conv.w_quant.bits == rebuilt.neck.fpn_convs[0].conv.a_quant.bits == 6
+
+    # An artifact written before the map was recorded loads as it always did.
+    _rewrite(path, {k: v for k, v in header.config.items() if k != "quantization_map"})
+    legacy, _, _ = load_stage(run)
+    _same(_predictions(loaded, source), _predictions(legacy, source))
+
+    # A map that names another model's layers is one sentence.
+    _rewrite(path, dict(header.config, quantization_map={"head.fc": {"kind": "linear", "w_bits": 4, "a_bits": 4}}))
+    with pytest.raises(AphqError, match="cannot be rebuilt: its quantization map does not fit the model"):
+        load_stage(run)

@@ -9,7 +9,8 @@ from aphq_cli.errors import AphqError
 from aphq_cli.runs import load_stage
 from stages.calibrate import calibrate
 from stages.eval import run_inference
-from stages.export import export, load_export
+from aphq_cli.exports import load_export
+from stages.export import export
 
 
 @pytest.fixture(scope="module")

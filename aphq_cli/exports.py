@@ -1,0 +1,77 @@
+"""Reading an export (``aphq export``'s self-contained file) back into a fake-quantized detector.
+
+The export stage writes the format; ``eval --artifact`` and anyone else reads
+it through :func:`load_export`, so the reader lives in the library.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from mmcv import Config
+
+from aphq_cli.artifacts import load_artifact
+from aphq_cli.errors import AphqError
+from aphq_cli.models.surgery import relu_mlps
+from aphq_cli.models.zoo import build_model
+from aphq_cli.quant.modules import QuantConv2d, QuantLinear, quantizers
+from aphq_cli.quant.packing import unpack
+from aphq_cli.quant.primitives import dequantize
+from aphq_cli.quant.wrap import apply_plan
+from aphq_cli.runs import apply_params, saved_plan
+
+EXPORT_FORMAT = 1
+
+
+def weight_layers(detector) -> dict:
+    """The quantized layers that carry a weight (Linear, Conv2d), in module order."""
+    return {n: m for n, m in detector.named_modules() if isinstance(m, (QuantLinear, QuantConv2d))}
+
+
+def load_export(path: Path, device="cpu"):
+    """Rebuild the fake-quantized detector from an export alone.
+
+    Returns:
+        ``(detector, mmcv config, header)``.
+    """
+    tensors, header = load_artifact(path, stage="export")
+    config = header.config
+    if config.get("export_format") != EXPORT_FORMAT:
+        raise AphqError(f"{path} is export format {config.get('export_format')}, this aphq reads {EXPORT_FORMAT}")
+    cfg = Config(config["mmdet_config"])
+    detector = build_model(cfg)
+    relu_mlps(detector, config["relu_mlp_blocks"])
+    apply_plan(detector, saved_plan(detector, config, config["w_bits"], config["a_bits"], path))
+    layers = weight_layers(detector)
+    expected = {f"w:{n}" for n in layers}
+    found = {k for k in tensors if k.startswith("w:") and not k.endswith((".scale", ".zero_point"))}
+    if found != expected:
+        raise AphqError(f"{path} does not match its model config: packed weights differ "
+                        f"({len(found ^ expected)} layer(s))")
+    with torch.no_grad():
+        for name, layer in layers.items():
+            entry = config["manifest"][f"w:{name}"]
+            shape = tuple(entry["shape"])
+            q = layer.w_quant
+            if entry.get("bits") != q.bits:
+                raise AphqError(f"{path} is inconsistent: {name}'s packed weights are {entry.get('bits')}-bit, "
+                                f"its quantization map says {q.bits}")
+            scale = tensors[f"w:{name}.scale"].reshape(q.scale.shape)
+            zero = tensors[f"w:{name}.zero_point"].float().reshape(q.zero_point.shape)
+            layer.weight.copy_(dequantize(unpack(tensors[f"w:{name}"], q.bits, shape), scale, zero))
+            q.set_params(scale, zero)
+        for name, q in quantizers(detector).items():
+            if f"a:{name}.scale" in tensors:
+                q.set_params(tensors[f"a:{name}.scale"], tensors[f"a:{name}.zero_point"])
+        floats = {k[len("fp:"):]: v for k, v in tensors.items() if k.startswith("fp:")}
+        apply_params(detector, floats)
+    covered = set(floats) | {f"{n}.weight" for n in layers} | {
+        f"{n}.{b}" for n in quantizers(detector) for b in ("scale", "zero_point")}
+    missing = [k for k in detector.state_dict() if k not in covered]
+    if missing:
+        raise AphqError(f"{path} lacks {len(missing)} parameter(s) of its model, such as {missing[0]}")
+    unset = [n for n, q in quantizers(detector).items() if not q.enabled]
+    if unset:
+        raise AphqError(f"{path} lacks quantizer parameters, such as for {unset[0]}")
+    return detector.to(device), cfg, header
