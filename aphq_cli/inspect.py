@@ -39,10 +39,27 @@ def header_fields(path: Path) -> dict[str, str]:
             raise
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {})
-    return {"stage": header.stage, "format": str(header.format_version), "created": header.created,
-            "config": json.dumps(header.config, indent=1, sort_keys=True),
+    config = dict(header.config)
+    qmap = config.pop("quantization_map", None)
+    fields = {"quantization": map_summary(qmap)} if isinstance(qmap, dict) else {}
+    return {"stage": header.stage, "format": str(header.format_version), "created": header.created, **fields,
+            "config": json.dumps(config, indent=1, sort_keys=True),
             "inputs": "\n".join(f"{k}: {v[:16]}…" for k, v in sorted(header.inputs.items())),
             "extra": json.dumps(header.extra)}
+
+
+def map_summary(qmap: dict) -> str:
+    """A quantization map, one line per bit-width pair (``1 layers W4A8 (backbone.patch_embed.proj)``)."""
+    groups: dict[str, list[str]] = {}
+    for name, entry in qmap.items():
+        bits = f"A{entry.get('a_bits')}"
+        key = bits if entry.get("kind") == "matmul" else f"W{entry.get('w_bits')}{bits}"
+        groups.setdefault(key, []).append(name)
+    lines = []
+    for key, names in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+        kind = "matmuls" if key.startswith("A") else "layers"
+        lines.append(f"{len(names)} {kind} {key}" + (f" ({', '.join(sorted(names))})" if len(names) <= 3 else ""))
+    return "\n".join(lines)
 
 
 @dataclass
