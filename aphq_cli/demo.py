@@ -12,7 +12,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from aphq_cli.console import err
+from rich.table import Table
+
+from aphq_cli.artifacts import atomic_write_text
+from aphq_cli.console import err, stage_progress
+from aphq_cli.runs import prepare_run
+from stages.calibrate import CalibrateConfig, calibrate
+from stages.eval import evaluate
+from stages.export import export
+from stages.mlp_recon import mlp_recon
+from stages.reconstruct import reconstruct
 
 
 @dataclass
@@ -35,16 +44,6 @@ def run_demo(*, model: str = "tiny-mask-rcnn", run: Path = Path("runs/demo"), w_
     Args:
         limit: evaluate on the first N val images only (all by default).
     """
-    from stages.calibrate import calibrate
-    from stages.eval import evaluate
-    from stages.export import export
-    from stages.mlp_recon import mlp_recon
-    from stages.reconstruct import reconstruct
-
-    from aphq_cli.console import stage_progress
-    from aphq_cli.runs import prepare_run
-    from stages.calibrate import CalibrateConfig
-
     # Nonsense bit-widths or an unwritable folder fail now, not after minutes of earlier stages.
     CalibrateConfig(w_bits=w_bits, a_bits=a_bits)
     prepare_run(run)
@@ -79,7 +78,6 @@ def run_demo(*, model: str = "tiny-mask-rcnn", run: Path = Path("runs/demo"), w_
     step("export reload eval", lambda p: evaluate(artifact=out, progress=p, **cached),
          metrics=True)
     if json_path is not None:
-        from aphq_cli.artifacts import atomic_write_text
         payload = {"model": model, "run": str(run), "w_bits": w_bits, "a_bits": a_bits,
                    "stages": [r.__dict__ for r in rows]}
         atomic_write_text(json_path, json.dumps(payload, indent=2) + "\n")
@@ -88,8 +86,6 @@ def run_demo(*, model: str = "tiny-mask-rcnn", run: Path = Path("runs/demo"), w_
 
 def demo_table(rows: list[StageRow], title: str):
     """The demo's summary as a rich table."""
-    from rich.table import Table
-
     table = Table(title=title)
     for col in ("stage", "box AP", "mask AP", "seconds", "note"):
         table.add_column(col, justify="right" if col in ("box AP", "mask AP", "seconds") else "left")

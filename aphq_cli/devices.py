@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import torch
+
 from aphq_cli.errors import AphqError
 
 
 def resolve_device(name: str):
     """``cpu``, ``cuda`` or ``cuda:N`` -> ``torch.device``, checked to exist."""
-    import torch
-
     try:
         device = torch.device(name)
     except RuntimeError as err:

@@ -19,6 +19,9 @@ import datetime
 import os
 from typing import Any
 
+import torch
+import torch.distributed as dist
+
 # Rank 0 alone reconstructs a block while the others wait at a barrier: at the
 # paper's 20000 iterations that takes far longer than torch's 30-minute default.
 TIMEOUT = datetime.timedelta(hours=24)
@@ -26,8 +29,6 @@ TIMEOUT = datetime.timedelta(hours=24)
 
 def rank_world() -> tuple[int, int]:
     """``(rank, world size)``: from an initialized process group, else torchrun's environment, else (0, 1)."""
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -47,9 +48,6 @@ def init(device: str = "cpu") -> str:
 
     With ``cuda`` every process takes ``cuda:LOCAL_RANK``.
     """
-    import torch
-    import torch.distributed as dist
-
     if not launched():
         return device
     if device.startswith("cuda"):
@@ -61,8 +59,6 @@ def init(device: str = "cpu") -> str:
 
 
 def barrier() -> None:
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
@@ -78,8 +74,6 @@ def gather_in_order(mine: list, count: int) -> list:
 
     ``count`` drops the padding mmdetection's sampler adds to even out the shares.
     """
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()):
         return list(mine)[:count]
     parts: list[Any] = [None] * dist.get_world_size()
@@ -95,8 +89,6 @@ def interleave(parts: list[list], count: int) -> list:
 
 def broadcast(value: Any) -> Any:
     """Rank 0's ``value`` on every rank."""
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()):
         return value
     box = [value]

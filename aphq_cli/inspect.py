@@ -7,14 +7,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
+from aphq_cli.artifacts import read_header, sha256_file
 from aphq_cli.errors import AphqError
+from aphq_cli.runs import ModelSource, STAGES, image_protocol, stage_path
 
 
 def tensor_rows(path: Path) -> list[tuple[str, str, str, str]]:
     """``(name, dtype, shape, "min / mean / max")`` of every tensor, read one at a time."""
-    from safetensors import safe_open
-
     rows = []
     with safe_open(str(path), framework="pt") as f:
         for name in sorted(f.keys()):
@@ -29,9 +30,6 @@ def tensor_rows(path: Path) -> list[tuple[str, str, str, str]]:
 
 def header_fields(path: Path) -> dict[str, str]:
     """The aphq header as display strings, or the raw metadata of a foreign safetensors file."""
-    from aphq_cli.artifacts import read_header
-    from safetensors import safe_open
-
     try:
         header = read_header(path)
     except AphqError as err:
@@ -75,9 +73,6 @@ class StageStatus:
 
 def run_status(run: Path) -> list[StageStatus]:
     """Each pipeline stage of ``run``: present, current or stale (which input changed), progress."""
-    from aphq_cli.artifacts import read_header, sha256_file
-    from aphq_cli.runs import STAGES, ModelSource, image_protocol, stage_path
-
     if not Path(run).is_dir():
         raise AphqError(f"run folder {run} does not exist")
     out = []
@@ -121,6 +116,5 @@ def _blocks_done(run: Path, stage: str) -> str:
     done = sorted(blocks.glob("*.safetensors")) if blocks.is_dir() else []
     if not done:
         return ""
-    from aphq_cli.artifacts import read_header
     total = read_header(done[0]).config.get("total_blocks")
     return f"{len(done)} of {total or '?'} blocks done"

@@ -35,6 +35,8 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from aphq_cli.errors import AphqError
 
 PRESETS_DIR = Path(__file__).parent / "presets"
@@ -88,8 +90,6 @@ def _parse(path: Path) -> dict:
     text = path.read_bytes()
     try:
         if path.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-
             data = yaml.safe_load(text) or {}
         elif path.suffix.lower() == ".toml":
             data = tomllib.loads(text.decode("utf-8"))

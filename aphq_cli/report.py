@@ -13,8 +13,13 @@ import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import matplotlib
+import matplotlib.pyplot as plt
+
+from aphq_cli.artifacts import atomic_write_bytes, read_header, sha256_file
 from aphq_cli.errors import AphqError
 from aphq_cli.evalrecords import eval_record_path, read_eval_record
+from aphq_cli.runs import stage_path
 
 # Stage folders whose block files carry losses, and their header stage names.
 BLOCK_STAGES = {"mlp-recon": ("mlp_recon", "mlp-recon-block"), "reconstruct": ("reconstruct", "reconstruct-unit")}
@@ -39,9 +44,6 @@ class RunReport:
 
 def collect(run: Path) -> RunReport:
     """Read block losses and current evaluation records of ``run``."""
-    from aphq_cli.artifacts import read_header, sha256_file
-    from aphq_cli.runs import stage_path
-
     run = Path(run)
     if not run.is_dir():
         raise AphqError(f"run folder {run} does not exist")
@@ -74,10 +76,7 @@ def collect(run: Path) -> RunReport:
 
 def render(report: RunReport, title: str) -> bytes:
     """The PNG bytes: losses per block (left), box and mask AP per stage (right)."""
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [3, 2]})
     colours = {"mlp-recon": "tab:green", "reconstruct": "tab:blue"}
@@ -125,8 +124,6 @@ def render(report: RunReport, title: str) -> bytes:
 
 def write_report(run: Path, out: Path | None = None) -> tuple[Path, RunReport]:
     """Collect, render and atomically write ``out`` (default ``RUN/report.png``)."""
-    from aphq_cli.artifacts import atomic_write_bytes
-
     report = collect(run)
     if not report.losses and not report.ap:
         raise AphqError(f"{run} has no finished blocks and no evaluations to report; "

@@ -15,10 +15,17 @@ from typing import Iterator
 
 import torch
 
+from aphq_cli.artifacts import atomic_write_bytes, load_artifact, read_header, sha256_file, sha256_json
+from aphq_cli.data.coco import build_dataset, build_loader, calibration_dataset, fingerprint_dataset, to_device
+from aphq_cli.data.synth import default_cache_root
+from aphq_cli.devices import resolve_device
 from aphq_cli.errors import AphqError
 from aphq_cli.models.plan import detector_plan
+from aphq_cli.models.surgery import apply_mlp_recon
+from aphq_cli.models.zoo import CONFIG_DIR, default_data_dir, load_config, load_model, resolve_model
 from aphq_cli.quant.modules import load_quant_state, quant_state
 from aphq_cli.quant.wrap import apply_plan, plan_from_map
+from aphq_cli.tensorcache import TensorCache
 
 # Bumps when the estimate itself changes, so older cached estimates are not reused.
 APH_VERSION = 2  # 2: the box term averages over every element of a level (method.md §4)
@@ -27,8 +34,6 @@ STAGES = ("mlp-recon", "calibrate", "reconstruct")  # in pipeline order; later s
 
 def prepare_run(run: Path) -> Path:
     """Create the run folder and check it is writable, before any long computation."""
-    from aphq_cli.artifacts import atomic_write_bytes
-
     run = Path(run)
     probe = atomic_write_bytes(run / f".aphq-write-check-{os.getpid()}", b"")  # per process: torchrun ranks
     probe.unlink()
@@ -60,8 +65,6 @@ class ModelSource:
     @classmethod
     def open(cls, model: str, checkpoint: Path | None, data: Path | None, *,
              trust_checkpoint: bool = False) -> "ModelSource":
-        from aphq_cli.models.zoo import default_data_dir, load_config, resolve_model
-
         spec = resolve_model(model)
         if checkpoint is None:
             if spec.weights is None:
@@ -76,23 +79,18 @@ class ModelSource:
         return cls(spec, cfg, checkpoint.resolve(), Path(data).resolve() if data else None, trust_checkpoint)
 
     def dataset(self, split: str, limit: int | None = None, image_ids=None):
-        from aphq_cli.data.coco import build_dataset
         return build_dataset(self.cfg, split, self.data, limit=limit, image_ids=image_ids)
 
     def calibration_dataset(self, protocol: str, limit: int | None = None, image_ids=None):
         """Calibration or reconstruction images: ``train`` (default) or the published ``val`` protocol."""
-        from aphq_cli.data.coco import calibration_dataset
         return calibration_dataset(self.cfg, protocol, self.data, limit=limit, image_ids=image_ids)
 
     def fingerprints(self, dataset) -> dict[str, str]:
-        from aphq_cli.artifacts import sha256_file
-        from aphq_cli.data.coco import fingerprint_dataset
         return {"checkpoint": sha256_file(self.checkpoint), "data": fingerprint_dataset(dataset)}
 
     @property
     def model_id(self) -> str:
         """How artifacts name the model: a built-in name, or the config file's absolute path."""
-        from aphq_cli.models.zoo import CONFIG_DIR
         builtin = Path(self.spec.config).parent == CONFIG_DIR
         return self.spec.name if builtin else str(Path(self.spec.config).resolve())
 
@@ -112,8 +110,6 @@ class ModelSource:
         model or checkpoint would be wrong, and replacing them would silently
         orphan the stages built on them. Damaged artifacts are reported too.
         """
-        from aphq_cli.artifacts import read_header, sha256_file
-
         mine = {"model": self.model_id, "data": str(self.data or "")}
         checkpoint = None
         for stage in STAGES:
@@ -137,13 +133,9 @@ class ModelSource:
             mlp_recon: an mlp-recon artifact to apply (ReLU MLPs with their
                 reconstructed weights).
         """
-        from aphq_cli.devices import resolve_device
-        from aphq_cli.models.zoo import load_model
         detector, _, _ = load_model(self.spec, self.checkpoint, trust_pickle=self.trust_checkpoint,
                                     device=resolve_device(str(device)), cfg=self.cfg)
         if mlp_recon is not None:
-            from aphq_cli.artifacts import load_artifact
-            from aphq_cli.models.surgery import apply_mlp_recon
             apply_mlp_recon(detector, load_artifact(mlp_recon, stage="mlp-recon", device=device)[0])
         return detector
 
@@ -153,7 +145,6 @@ class ModelSource:
 
     def batches(self, dataset, device) -> Iterator[dict]:
         """Model inputs for each image of ``dataset`` on ``device``, in order."""
-        from aphq_cli.data.coco import build_loader, to_device
         for batch in build_loader(dataset):
             yield to_device(batch, device)
 
@@ -179,10 +170,6 @@ def aph_cache(source: ModelSource, dataset, delta: float):
     mlp-recon and reconstruct both weigh by the APH of the original (GELU)
     model, so one estimate serves every run on the same images.
     """
-    from aphq_cli.artifacts import sha256_json
-    from aphq_cli.data.synth import default_cache_root
-    from aphq_cli.tensorcache import TensorCache
-
     key = sha256_json(source.fingerprints(dataset) | {"delta": delta, "aph": APH_VERSION})[:16]
     return TensorCache(default_cache_root() / "aph" / key, dtype=torch.float16)
 
@@ -261,8 +248,6 @@ def load_stage(run: Path, stage: str | None = None, device="cpu", *, trust_check
     Returns:
         ``(detector, source, header)``.
     """
-    from aphq_cli.artifacts import load_artifact, read_header, sha256_file
-
     stage = stage or newest_stage(run)
     if stage not in STAGES:
         raise AphqError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")

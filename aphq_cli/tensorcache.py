@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save
 
+from aphq_cli import distributed
 from aphq_cli.artifacts import atomic_write_bytes, atomic_write_text
 
 
@@ -62,8 +63,6 @@ class TensorCache:
             fn: ``index -> {name: tensor}``.
             progress: optional callable ``(done, total)`` over this rank's share.
         """
-        from aphq_cli import distributed
-
         if self.complete(entry, count):
             return
         mine = distributed.my_indices(count)

@@ -15,12 +15,15 @@ from pathlib import Path
 
 import torch
 
+from aphq_cli.artifacts import is_current, read_header, save_artifact, sha256_file, sha256_json
 from aphq_cli.data.coco import check_calib_split
 from aphq_cli.errors import AphqError
+from aphq_cli.models.plan import detector_plan
+from aphq_cli.quant.calib import SearchSettings, calibrate_model
+from aphq_cli.quant.wrap import apply_plan, quantization_map
 from aphq_cli.quantconfig import stage_settings
+from aphq_cli.runs import ModelSource, prepare_run, quantized_tensors, stage_path
 from aphq_cli.settings import resolve_settings, settings_from_dict, with_arguments
-from aphq_cli.quant.calib import SearchSettings
-from aphq_cli.quant.wrap import quantization_map
 
 STAGE = "calibrate"
 # 2: a folded Swin block pads with -b (float-exact); 3: interpolated percentiles; 4: conv_logits
@@ -79,9 +82,6 @@ def calibrate(*, model: str, run: Path, w_bits: int | None = None, a_bits: int |
     Returns:
         ``(artifact path, cache hit)``.
     """
-    from aphq_cli.artifacts import is_current, read_header, save_artifact, sha256_file
-    from aphq_cli.runs import ModelSource, prepare_run, quantized_tensors, stage_path
-
     overrides = with_arguments(settings, w_bits=w_bits, a_bits=a_bits, calib_images=calib_images,
                                calib_split=calib_split)
     qc_label, qc_values = stage_settings(quant_config, STAGE)
@@ -146,10 +146,6 @@ def build_calibrated(source, config: CalibrateConfig, dataset, device, mlp_recon
     Returns:
         ``(detector, float state dict before calibration)``.
     """
-    from aphq_cli.models.plan import detector_plan
-    from aphq_cli.quant.calib import calibrate_model
-    from aphq_cli.quant.wrap import apply_plan
-
     detector = source.build(device, mlp_recon=mlp_recon)
     params_before = {k: v.clone() for k, v in detector.state_dict().items()}
     plan = detector_plan(detector, config.w_bits, config.a_bits)
@@ -160,7 +156,6 @@ def build_calibrated(source, config: CalibrateConfig, dataset, device, mlp_recon
 
 
 def _options_fingerprint(config: CalibrateConfig) -> str:
-    from aphq_cli.artifacts import sha256_json
     return sha256_json(asdict(config))
 
 

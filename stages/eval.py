@@ -7,11 +7,21 @@ import io
 import json
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+from mmdet.core import encode_mask_results
+from pycocotools.cocoeval import COCOeval
+
+from aphq_cli import distributed
+from aphq_cli.artifacts import atomic_write_text, sha256_file
+from aphq_cli.data.coco import build_dataset, build_loader, to_device
+from aphq_cli.devices import resolve_device
 from aphq_cli.errors import AphqError
 from aphq_cli.evalrecords import EvalResult, eval_record_path, read_eval_record, write_eval_record
+from aphq_cli.exports import load_export
+from aphq_cli.quant.wrap import keep_float as turn_off
+from aphq_cli.runs import ModelSource, image_protocol, load_stage, newest_stage, stage_path
 
 
 # mmdetection metric suffix -> our name; values are reported in percent.
@@ -42,12 +52,6 @@ def run_inference(detector, dataset, *, device: str, progress=None) -> list:
     Args:
         progress: optional callable ``(done, total)`` (this rank's share).
     """
-    import torch
-    from mmdet.core import encode_mask_results
-
-    from aphq_cli import distributed
-    from aphq_cli.data.coco import build_loader, to_device
-
     results = []
     loader = build_loader(dataset, dist=distributed.rank_world()[1] > 1)
     share = len(loader)
@@ -89,8 +93,6 @@ def per_class_metrics(dataset, results: list) -> dict[str, dict[str, float]]:
     (its classes, images and detection counts), so the mean over classes is
     its overall AP.
     """
-    from pycocotools.cocoeval import COCOeval
-
     with_masks = isinstance(results[0], tuple)
     boxes, masks = dataset._segm2json(results) if with_masks else (dataset._det2json(results), None)
     out = {}
@@ -155,16 +157,10 @@ def evaluate(*, model: str = "tiny-mask-rcnn", checkpoint: Path | None = None, d
             it was made from the same weights, annotations and images.
         progress: optional callable ``(done, total)``.
     """
-    from aphq_cli import distributed
-    from aphq_cli.artifacts import sha256_file
-    from aphq_cli.devices import resolve_device
-    from aphq_cli.runs import ModelSource, image_protocol, load_stage, newest_stage, stage_path
-
     if keep_float and artifact is None and run is None:
         raise AphqError("--keep-float applies to a quantized model: give --run or --artifact")
     dev = resolve_device(distributed.init(device))
     if artifact is not None:
-        from aphq_cli.exports import load_export
         detector, cfg, header = load_export(artifact, dev)
         recorded = header.config["data"]
         dataset = _test_split(cfg, data if data is not None else (Path(recorded) if recorded else None), limit)
@@ -187,7 +183,6 @@ def evaluate(*, model: str = "tiny-mask-rcnn", checkpoint: Path | None = None, d
         name, made_from = "fp", source.checkpoint
         protocol = ""
     if keep_float:
-        from aphq_cli.quant.wrap import keep_float as turn_off
         try:
             turn_off(detector, keep_float)
         except ValueError as e:
@@ -210,7 +205,6 @@ def evaluate(*, model: str = "tiny-mask-rcnn", checkpoint: Path | None = None, d
     if not distributed.is_main():
         return result
     if json_path is not None:
-        from aphq_cli.artifacts import atomic_write_text
         atomic_write_text(Path(json_path), json.dumps(result.to_json(), indent=2) + "\n")
     if record is not None:
         write_eval_record(record, result, key)
@@ -218,5 +212,4 @@ def evaluate(*, model: str = "tiny-mask-rcnn", checkpoint: Path | None = None, d
 
 
 def _test_split(cfg, data: Path | None, limit: int | None):
-    from aphq_cli.data.coco import build_dataset
     return build_dataset(cfg, "test", Path(data) if data is not None else None, limit=limit)

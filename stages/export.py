@@ -13,20 +13,22 @@ import json
 from pathlib import Path
 
 import torch
+from torch import nn
 
+from aphq_cli.artifacts import is_current, save_artifact, sha256_file
 from aphq_cli.errors import AphqError
 from aphq_cli.exports import EXPORT_FORMAT, weight_layers
+from aphq_cli.quant.modules import quantizers
+from aphq_cli.quant.packing import pack
+from aphq_cli.quant.primitives import quantize
 from aphq_cli.quant.wrap import quantization_map
+from aphq_cli.runs import image_protocol, load_stage, newest_stage, stage_path
 
 STAGE = "export"
 
 
 def export_tensors(detector) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
     """The export's tensors and manifest for a calibrated detector."""
-    from aphq_cli.quant.modules import quantizers
-    from aphq_cli.quant.packing import pack
-    from aphq_cli.quant.primitives import quantize
-
     tensors: dict[str, torch.Tensor] = {}
     manifest: dict[str, dict] = {}
     layers = weight_layers(detector)
@@ -69,11 +71,6 @@ def export(*, run: Path, out: Path, stage: str | None = None, trust_checkpoint: 
     Returns:
         ``out``.
     """
-    from torch import nn
-
-    from aphq_cli.artifacts import is_current, save_artifact, sha256_file
-    from aphq_cli.runs import image_protocol, load_stage, newest_stage, stage_path
-
     stage = stage or newest_stage(run)
     if stage == "mlp-recon":
         raise AphqError(f"{run} holds no quantized stage yet; run `aphq calibrate --run {run}` before exporting")

@@ -18,11 +18,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from aphq_cli import distributed
+from aphq_cli.artifacts import is_current, load_artifact, save_artifact, sha256_json
 from aphq_cli.data.coco import check_calib_split
 from aphq_cli.errors import AphqError
+from aphq_cli.models.plan import RPN_TASK
+from aphq_cli.models.swin import SwinBlock
+from aphq_cli.quant.aph import ensure_block_aph
 from aphq_cli.quant.primitives import row_quantile
 from aphq_cli.quantconfig import stage_settings
+from aphq_cli.runs import ModelSource, aph_cache, prepare_run, stage_path
 from aphq_cli.settings import resolve_settings, settings_from_dict, with_arguments
+from aphq_cli.tensorcache import TensorCache
 
 STAGE = "mlp-recon"
 CONFIG_VERSION = 2  # 2: ub is an interpolated percentile
@@ -72,7 +79,6 @@ def resolve_config(cfg, overrides: dict, file_values: dict | None = None) -> Mlp
 
 def swin_blocks(detector: nn.Module) -> list[tuple[str, nn.Module]]:
     """``(qualified name, block)`` of every Swin block, in forward order."""
-    from aphq_cli.models.swin import SwinBlock
     return [(f"backbone.{n}", m) for n, m in detector.backbone.units() if isinstance(m, SwinBlock)]
 
 
@@ -178,13 +184,6 @@ def mlp_recon(*, model: str, run: Path, iters: int | None = None, images: int | 
     Returns:
         ``(artifact path, cache hit)``.
     """
-    from aphq_cli import distributed
-    from aphq_cli.artifacts import is_current, load_artifact, save_artifact, sha256_json
-    from aphq_cli.models.plan import RPN_TASK
-    from aphq_cli.quant.aph import ensure_block_aph
-    from aphq_cli.runs import ModelSource, aph_cache, prepare_run, stage_path
-    from aphq_cli.tensorcache import TensorCache
-
     overrides = with_arguments(settings, iters=iters, images=images, calib_split=calib_split)
     qc_label, qc_values = stage_settings(quant_config, STAGE)
     settings_from_dict(MlpReconConfig, qc_values | overrides, STAGE)  # fail fast, before loading anything

@@ -22,12 +22,20 @@ from typing import Callable
 import torch
 from torch import nn
 
+from aphq_cli import distributed
+from aphq_cli.artifacts import is_current, load_artifact, save_artifact, sha256_file, sha256_json
 from aphq_cli.data.coco import check_calib_split
+from aphq_cli.devices import resolve_device
 from aphq_cli.errors import AphqError
-from aphq_cli.models.plan import units_of
+from aphq_cli.models.plan import RPN_TASK, units_of
+from aphq_cli.quant.adaround import beta_schedule, init_alpha, qdrop_mix, rounding_regularizer, soft_quantize_weight
+from aphq_cli.quant.aph import block_fisher, ensure_block_aph
+from aphq_cli.quant.modules import QuantConv2d, QuantLinear, Quantizer
 from aphq_cli.quant.wrap import quantization_map
 from aphq_cli.quantconfig import stage_settings
+from aphq_cli.runs import aph_cache, load_stage, prepare_run, quantized_tensors, stage_path
 from aphq_cli.settings import resolve_settings, settings_from_dict, with_arguments
+from aphq_cli.tensorcache import TensorCache
 
 STAGE = "reconstruct"
 # 2: targets, float inputs and APH come from the original float model (not the mlp-recon one);
@@ -95,18 +103,15 @@ class SoftRounding(nn.Module):
 
     def __init__(self, quantizer: nn.Module, weight: torch.Tensor) -> None:
         super().__init__()
-        from aphq_cli.quant.adaround import init_alpha
         self.quantizer = quantizer
         self.alpha = nn.Parameter(init_alpha(weight.detach(), quantizer.scale))
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        from aphq_cli.quant.adaround import soft_quantize_weight
         q = self.quantizer
         return soft_quantize_weight(weight, q.scale, q.zero_point, q.bits, self.alpha)
 
     @torch.no_grad()
     def harden(self, weight: torch.Tensor) -> torch.Tensor:
-        from aphq_cli.quant.adaround import soft_quantize_weight
         q = self.quantizer
         return soft_quantize_weight(weight, q.scale, q.zero_point, q.bits, self.alpha, hard=True)
 
@@ -145,8 +150,6 @@ def unit_loss(out: list[torch.Tensor], target: list[torch.Tensor], weight: torch
 
 def qdrop_quantizers(unit: nn.Module, scope: str) -> list[nn.Module]:
     """The activation quantizers of ``unit`` that QDrop acts on under ``scope``."""
-    from aphq_cli.quant.modules import QuantLinear, Quantizer
-
     if scope == "all":
         return [m for n, m in unit.named_modules() if isinstance(m, Quantizer) and not n.endswith("w_quant")]
     return [m.a_quant for m in unit.modules() if isinstance(m, QuantLinear)]
@@ -166,9 +169,6 @@ def reconstruct_unit(unit: nn.Module, caches: "UnitCaches", k: int, weights, con
     Returns:
         The loss every 10 % of the iterations.
     """
-    from aphq_cli.quant.adaround import beta_schedule, qdrop_mix, rounding_regularizer
-    from aphq_cli.quant.modules import QuantConv2d, QuantLinear, Quantizer
-
     layers = [m for m in unit.modules() if isinstance(m, (QuantLinear, QuantConv2d))]
     acts = [m for n, m in unit.named_modules() if isinstance(m, Quantizer) and not n.endswith("w_quant")]
     if not layers and not acts:
@@ -289,9 +289,6 @@ class UnitCaches:
 def _loss_weights(loss: str, k: int, name: str, unit_q, detector, fp, caches: UnitCaches, aph, delta: float,
                   report) -> Callable[[int], torch.Tensor | None]:
     """``index -> weight map`` of the chosen loss for a backbone unit (None: plain MSE)."""
-    from aphq_cli.models.plan import RPN_TASK
-    from aphq_cli.quant.aph import block_fisher, ensure_block_aph
-
     if name == "neck" or loss == "mse":
         return lambda i: None
     if loss == "aph":
@@ -319,13 +316,6 @@ def reconstruct(*, run: Path, loss: str | None = None, iters: int | None = None,
     Returns:
         ``(artifact path, cache hit)``.
     """
-    from aphq_cli.artifacts import is_current, load_artifact, save_artifact, sha256_file, sha256_json
-    from aphq_cli import distributed
-    from aphq_cli.devices import resolve_device
-    from aphq_cli.runs import aph_cache, load_stage, prepare_run, stage_path
-    from aphq_cli.tensorcache import TensorCache
-    from aphq_cli.runs import quantized_tensors
-
     overrides = with_arguments(settings, loss=loss, iters=iters, images=images, calib_split=calib_split)
     qc_label, qc_values = stage_settings(quant_config, STAGE)
     settings_from_dict(ReconstructConfig, qc_values | overrides, STAGE)

@@ -15,6 +15,10 @@ import io
 from pathlib import Path
 from typing import Iterable, Literal
 
+import torch
+from mmcv.parallel import DataContainer
+from mmdet.datasets import build_dataloader, build_dataset as mmdet_build
+
 from aphq_cli.errors import AphqError
 
 Split = Literal["test", "calib"]
@@ -69,8 +73,6 @@ def build_dataset(cfg, split: Split = "test", data_dir: Path | None = None,
         limit: keep only the first ``limit`` images (in annotation-file order).
         image_ids: keep only these image ids, in this order.
     """
-    from mmdet.datasets import build_dataset as mmdet_build
-
     split_cfg = dataset_config(cfg, split, data_dir)
     try:
         # pycocotools prints progress on stdout, which carries only data here.
@@ -155,17 +157,12 @@ def build_loader(dataset, workers: int = 0, dist: bool = False):
         dist: this rank's share only (mmdetection's DistributedSampler: rank r
             gets images r, r+K, ..., padded with the first images to equal shares).
     """
-    from mmdet.datasets import build_dataloader
-
     return build_dataloader(dataset, samples_per_gpu=1, workers_per_gpu=workers, dist=dist,
                             shuffle=False, persistent_workers=False)
 
 
 def to_device(batch: dict, device) -> dict:
     """Unwrap mmcv ``DataContainer``s of a one-GPU batch and move tensors to ``device``."""
-    import torch
-    from mmcv.parallel import DataContainer
-
     def unwrap(value):
         if isinstance(value, DataContainer):
             value = value.data[0]

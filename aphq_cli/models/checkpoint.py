@@ -8,13 +8,17 @@ mmdetection 2.28's own ``SwinTransformer`` layout, converted on load.
 
 from __future__ import annotations
 
+import io
 import pickle
 import re
 from pathlib import Path
 from typing import Literal, Mapping
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
 
+from aphq_cli.artifacts import atomic_write_bytes
 from aphq_cli.errors import AphqError
 
 Layout = Literal["original", "mmdet"]
@@ -41,8 +45,6 @@ def read_state_dict(path: Path, *, trust_pickle: bool = False) -> StateDict:
     if not path.is_file():
         raise AphqError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
         try:
             obj = load_file(str(path))
         except (SafetensorError, OSError, ValueError) as err:
@@ -198,16 +200,12 @@ def save_checkpoint(model_or_state, path: Path, *, layout: Layout = "original",
     The ``.pth`` holds ``{"state_dict": ..., "meta": meta}`` with plain
     Python values in ``meta`` so it loads with ``weights_only=True``.
     """
-    from aphq_cli.artifacts import atomic_write_bytes
-
     state = model_or_state.state_dict() if isinstance(model_or_state, torch.nn.Module) else model_or_state
     state = convert_layout({k: v.detach().cpu().contiguous() for k, v in state.items()}, layout)
     path = Path(path)
     if path.suffix == ".safetensors":
-        from safetensors.torch import save
         data = save(state, metadata={k: str(v) for k, v in (meta or {}).items()})
     else:
-        import io
         buf = io.BytesIO()
         torch.save({"state_dict": state, "meta": dict(meta or {})}, buf)
         data = buf.getvalue()

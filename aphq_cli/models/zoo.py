@@ -13,7 +13,13 @@ import copy
 from dataclasses import dataclass
 from pathlib import Path
 
+from mmcv import Config, ConfigDict
+from mmdet.models import build_detector
+
+import aphq_cli.models.swin  # noqa: F401  registers APHQSwinTransformer with mmdet
+from aphq_cli.data.synth import ensure_dataset
 from aphq_cli.errors import AphqError
+from aphq_cli.models.checkpoint import load_checkpoint
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -64,8 +70,6 @@ def load_config(spec: ModelSpec):
     Returns:
         ``mmcv.Config``.
     """
-    from mmcv import Config, ConfigDict
-
     try:
         cfg = Config.fromfile(str(spec.config))
     except Exception as err:  # mmcv raises many types for a bad file
@@ -110,9 +114,6 @@ def normalize_backbone(backbone: dict) -> dict:
 
 def build_model(cfg):
     """Build the detector of ``cfg`` in eval mode on CPU, with random weights."""
-    import aphq_cli.models.swin  # noqa: F401  registers APHQSwinTransformer
-    from mmdet.models import build_detector
-
     try:
         model = build_detector(cfg.model)
     except (KeyError, TypeError, ValueError) as err:
@@ -136,8 +137,6 @@ def load_model(model: str | ModelSpec, checkpoint: Path | None = None, *, trust_
     Returns:
         ``(detector, config, checkpoint path)``.
     """
-    from aphq_cli.models.checkpoint import load_checkpoint
-
     spec = model if isinstance(model, ModelSpec) else resolve_model(model)
     if checkpoint is None:
         if spec.weights is None:
@@ -157,5 +156,4 @@ def default_data_dir(cfg) -> Path | None:
     """
     if not cfg.get("aphq_testbed", False):
         return None
-    from aphq_cli.data.synth import ensure_dataset
     return ensure_dataset()
