@@ -51,6 +51,20 @@ def test_quantization_code_knows_no_model_and_no_mmdetection(name):
     assert not bad, f"{name} imports {bad}"
 
 
+def _nested_imports(path: Path) -> list[int]:
+    """Lines of imports inside a function."""
+    return [sub.lineno for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            for sub in ast.walk(node) if isinstance(sub, (ast.Import, ast.ImportFrom))]
+
+
+@pytest.mark.parametrize("name", sorted(n for n in SOURCES if n != "aphq_cli.cli"))
+def test_imports_are_at_the_top_of_the_module(name):
+    """What a file touches is read from its head; only cli.py defers imports (a fast ``--help``)."""
+    lines = _nested_imports(SOURCES[name])
+    assert not lines, f"{name} imports inside a function at lines {lines}"
+
+
 def test_no_import_circle():
     ours = {n: {m for m in IMPORTS[n] if m in SOURCES and m != n} for n in SOURCES}
     done, path = set(), []
@@ -75,3 +89,4 @@ def test_the_checks_see_a_violation(tmp_path):
     source = tmp_path / "probe.py"
     source.write_text("def f():\n    from stages.eval import evaluate\n    import mmdet.apis\n")
     assert {"stages.eval", "stages.eval.evaluate", "mmdet.apis"} <= _imports(source)
+    assert _nested_imports(source) == [2, 3]
