@@ -45,6 +45,44 @@ def stage_path(run: Path, stage: str) -> Path:
     return Path(run) / f"{stage.replace('-', '_')}.safetensors"
 
 
+def run_owned(run: Path) -> list[Path]:
+    """What a run folder keeps for itself: stage artifacts, their block and cache folders, eval records."""
+    run = Path(run).resolve()
+    return [stage_path(run, s) for s in STAGES] + [run / folder for folder in ("mlp_recon", "reconstruct", "eval")]
+
+
+def check_output(out: Path, what: str, *, inputs=(), runs=(), replaces: str | None = None) -> None:
+    """Refuse, before any work, an output path that would overwrite what the command reads or a run keeps.
+
+    Args:
+        out: the path the command will write.
+        what: how the command line names it (``--out``, ``--json``).
+        inputs: the files the command reads (None entries are skipped).
+        runs: run folders whose own files (:func:`run_owned`) ``out`` may not replace.
+        replaces: the one artifact stage ``out`` may already hold (``export`` for an export); any
+            other aphq artifact there is refused (a JSON or PNG never replaces one).
+    """
+    out = Path(out)
+    target = out.resolve()
+    for path in (Path(p) for p in inputs if p is not None):
+        same = target == path.resolve() or (out.exists() and path.exists() and os.path.samefile(out, path))
+        if same:
+            raise AphqError(f"{what} {out} is one of this command's inputs ({path}); choose another path")
+    for run in (r for r in runs if r is not None):
+        for owned in run_owned(run):
+            if target == owned or owned in target.parents:
+                raise AphqError(f"{what} {out} would overwrite {owned.name} of run folder {Path(run)}; "
+                                "choose a path outside the run's own files")
+    if out.is_file():
+        try:
+            header = read_header(out)
+        except AphqError:
+            return
+        if header.stage == replaces:
+            return
+        raise AphqError(f"{what} {out} is an aphq {header.stage} artifact; choose another path, or delete it first")
+
+
 @dataclass
 class ModelSource:
     """The inputs a stage starts from.

@@ -21,7 +21,7 @@ from aphq_cli.errors import AphqError
 from aphq_cli.evalrecords import EvalResult, eval_record_path, read_eval_record, write_eval_record
 from aphq_cli.exports import load_export
 from aphq_cli.quant.wrap import keep_float as turn_off
-from aphq_cli.runs import ModelSource, image_protocol, load_stage, newest_stage, stage_path
+from aphq_cli.runs import ModelSource, check_output, image_protocol, load_stage, newest_stage, stage_path
 
 
 # mmdetection metric suffix -> our name; values are reported in percent.
@@ -159,6 +159,8 @@ def evaluate(*, model: str = "tiny-mask-rcnn", checkpoint: Path | None = None, d
     """
     if keep_float and artifact is None and run is None:
         raise AphqError("--keep-float applies to a quantized model: give --run or --artifact")
+    if json_path is not None:  # what is known before loading anything; the rest once the data is resolved
+        check_output(json_path, "--json", inputs=[artifact, checkpoint], runs=[run, record_run])
     dev = resolve_device(distributed.init(device))
     if artifact is not None:
         detector, cfg, header = load_export(artifact, dev)
@@ -188,6 +190,8 @@ def evaluate(*, model: str = "tiny-mask-rcnn", checkpoint: Path | None = None, d
         except ValueError as e:
             raise AphqError(f"--keep-float {e}") from None
         label, record_run = f"{label[:-1]}, float: {' '.join(keep_float)}]", None
+    if json_path is not None:
+        check_output(json_path, "--json", inputs=[made_from, weights, dataset.ann_file], runs=[run, record_run])
     key = {"weights": sha256_file(made_from), "annotations": sha256_file(dataset.ann_file), "images": len(dataset)}
     record = eval_record_path(record_run, name) if record_run is not None else None
     if (reuse and record is not None and (old := read_eval_record(record)) is not None and old[1] == key

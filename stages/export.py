@@ -15,14 +15,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from aphq_cli.artifacts import is_current, save_artifact, sha256_file
+from aphq_cli.artifacts import is_current, read_header, save_artifact, sha256_file
 from aphq_cli.errors import AphqError
 from aphq_cli.exports import EXPORT_FORMAT, weight_layers
 from aphq_cli.quant.modules import quantizers
 from aphq_cli.quant.packing import pack
 from aphq_cli.quant.primitives import quantize
 from aphq_cli.quant.wrap import quantization_map
-from aphq_cli.runs import image_protocol, load_stage, newest_stage, stage_path
+from aphq_cli.runs import check_output, image_protocol, load_stage, newest_stage, stage_path
 
 STAGE = "export"
 
@@ -74,6 +74,9 @@ def export(*, run: Path, out: Path, stage: str | None = None, trust_checkpoint: 
     stage = stage or newest_stage(run)
     if stage == "mlp-recon":
         raise AphqError(f"{run} holds no quantized stage yet; run `aphq calibrate --run {run}` before exporting")
+    made_from = read_header(stage_path(run, stage)).config
+    check_output(out, "--out", inputs=[stage_path(run, stage), made_from.get("checkpoint"),
+                                       made_from.get("mlp_recon_artifact") or None], runs=[run], replaces=STAGE)
     inputs = {"stage_artifact": sha256_file(stage_path(run, stage))}
     if not force and is_current(out, stage=STAGE, inputs=inputs):
         return Path(out)

@@ -228,3 +228,31 @@ def test_ctrl_c_keeps_finished_blocks_and_the_rerun_resumes(setup, tmp_path):
     assert done.returncode == 0, done.stderr
     assert all(p.stat().st_mtime_ns == m for p, (m, _) in kept.items()), "finished blocks were redone"
     assert (run / "reconstruct.safetensors").is_file()
+
+
+def test_an_output_never_replaces_an_input_or_a_run_artifact(setup, tmp_path):
+    """#22 item 5: export --out and eval --json are refused before any work when they name what is read or kept."""
+    root, _, ckpt, synth = setup
+    run = _copy_run(setup, tmp_path)
+    export = tmp_path / "w4a4.safetensors"
+    assert CliRunner().invoke(app, ["export", "--run", str(run), "--out", str(export)]).exit_code == 0
+    ann = synth / "annotations" / "instances_val.json"
+    before = _snapshot(run) | _snapshot(root) | {ann: sha256_file(ann), export: sha256_file(export)}
+    cases = [
+        (["export", "--run", str(run), "--out", str(run / "calibrate.safetensors")], "is one of this command's inputs"),
+        (["export", "--run", str(run), "--out", str(ckpt)], "is one of this command's inputs"),
+        (["export", "--run", str(run), "--out", str(run / "eval" / "x.safetensors")], "would overwrite eval"),
+        (["eval", "--run", str(run), "--limit", "1", "--json", str(run / "calibrate.safetensors")],
+         "would overwrite calibrate.safetensors"),
+        (["eval", "--run", str(run), "--limit", "1", "--json", str(ckpt)], "is one of this command's inputs"),
+        (["eval", "--artifact", str(export), "--limit", "1", "--json", str(export)], "is one of this command's inputs"),
+        (["eval", "--checkpoint", str(ckpt), "--data", str(synth), "--limit", "1", "--json", str(ckpt)],
+         "is one of this command's inputs"),
+        (["eval", "--checkpoint", str(ckpt), "--data", str(synth), "--limit", "1", "--json", str(ann)],
+         "is one of this command's inputs"),
+        (["eval", "--checkpoint", str(ckpt), "--data", str(synth), "--limit", "1", "--json", str(export)],
+         "is an aphq export artifact"),
+    ]
+    for command, message in cases:
+        _one_sentence(CliRunner().invoke(app, command), message)
+    assert _snapshot(run) | _snapshot(root) | {ann: sha256_file(ann), export: sha256_file(export)} == before
