@@ -91,6 +91,9 @@ CalibSplitOpt = typer.Option(
     None, "--calib-split",
     help="Where calibration/reconstruction images come from: train (default: the training split) or val "
          "(the published protocol: the first annotated images of the evaluation split).")
+TrustConfigOpt = typer.Option(False, "--trust-config",
+                              help="Read the model config file a run's artifact names. Only for files you "
+                                   "trust: an mmdetection config is Python and reading it runs it.")
 TrustOpt = typer.Option(False, "--trust-checkpoint",
                         help="Load a pickled checkpoint that torch.load(weights_only=True) refuses. "
                              "Only for files you trust: unpickling can run code.")
@@ -115,6 +118,7 @@ def eval_cmd(
     device: str = DeviceOpt,
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the metrics (percent) as JSON."),
     trust_checkpoint: bool = TrustOpt,
+    trust_config: bool = TrustConfigOpt,
 ) -> None:
     """COCO box and mask AP of a float detector (--model) or of a stage of a run (--run)."""
     from aphq_cli.console import class_table, err, metrics_table, progress_bar
@@ -124,7 +128,7 @@ def eval_cmd(
         result = evaluate(model=model, checkpoint=checkpoint, data=data, run=run, stage=stage, artifact=artifact,
                           limit=limit, keep_float=keep_float, per_class=per_class,
                           device=device, trust_checkpoint=trust_checkpoint, json_path=json_path,
-                          progress=update)
+                          trust_config=trust_config, progress=update)
     if _state["verbose"]:
         err.print(result.log)
     if result.per_class is not None:
@@ -196,12 +200,13 @@ def reconstruct_cmd(
     force: bool = typer.Option(False, "--force", help="Recompute every unit even if finished."),
     quant_config: Optional[str] = QuantConfigOpt,
     trust_checkpoint: bool = TrustOpt,
+    trust_config: bool = TrustConfigOpt,
 ) -> None:
     """Block-wise AdaRound reconstruction with APH weights (resumable per unit)."""
     from stages.reconstruct import reconstruct
 
     run_stage(reconstruct, run=run, loss=loss, iters=iters, images=images, calib_split=calib_split, device=device,
-              force=force, trust_checkpoint=trust_checkpoint, quant_config=quant_config)
+              force=force, trust_checkpoint=trust_checkpoint, quant_config=quant_config, trust_config=trust_config)
 
 
 @app.command("export")
@@ -211,6 +216,7 @@ def export_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="The export file to write (.safetensors)."),
     stage: Optional[str] = typer.Option(None, "--stage", help="Which stage (default: the newest)."),
     trust_checkpoint: bool = TrustOpt,
+    trust_config: bool = TrustConfigOpt,
 ) -> None:
     """Packed integer weights and every quantizer, reloadable with `aphq eval --artifact`."""
     from aphq_cli.console import err
@@ -218,7 +224,7 @@ def export_cmd(
     from aphq_cli.runs import newest_stage, stage_path
     from stages.export import export
 
-    path = export(run=run, out=out, stage=stage, trust_checkpoint=trust_checkpoint)
+    path = export(run=run, out=out, stage=stage, trust_checkpoint=trust_checkpoint, trust_config=trust_config)
     ckpt = Path(read_header(stage_path(run, stage or newest_stage(run))).config["checkpoint"])
     size, fp = path.stat().st_size, ckpt.stat().st_size
     err.print(f"export {size / 2**20:.2f} MiB; float checkpoint {ckpt.name} {fp / 2**20:.2f} MiB "
@@ -250,7 +256,8 @@ def demo_cmd(
 
 @app.command("status")
 @user_errors
-def status_cmd(run: Path = typer.Option(..., "--run", "-r", help="Run folder.")) -> None:
+def status_cmd(run: Path = typer.Option(..., "--run", "-r", help="Run folder."),
+               trust_config: bool = TrustConfigOpt) -> None:
     """Which stages a run holds, what made them, and whether each is still current."""
     from rich.table import Table
 
@@ -260,7 +267,7 @@ def status_cmd(run: Path = typer.Option(..., "--run", "-r", help="Run folder."))
     table = Table(title=f"run {run}")
     for col in ("stage", "state", "made", "from"):
         table.add_column(col)
-    for s in run_status(run):
+    for s in run_status(run, trust_config=trust_config):
         state = "missing" if not s.exists else ("current" if s.current else "[red]stale[/]")
         table.add_row(s.stage, state, s.created, s.detail)
     err.print(table)

@@ -11,6 +11,7 @@ from safetensors import safe_open
 
 from aphq_cli.artifacts import read_header, sha256_file
 from aphq_cli.errors import AphqError
+from aphq_cli.models.zoo import builtin_models
 from aphq_cli.runs import ModelSource, STAGES, image_protocol, stage_path
 
 
@@ -71,7 +72,7 @@ class StageStatus:
     created: str = ""
 
 
-def run_status(run: Path) -> list[StageStatus]:
+def run_status(run: Path, trust_config: bool = False) -> list[StageStatus]:
     """Each pipeline stage of ``run``: present, current or stale (which input changed), progress."""
     if not Path(run).is_dir():
         raise AphqError(f"run folder {run} does not exist")
@@ -82,12 +83,15 @@ def run_status(run: Path) -> list[StageStatus]:
         if not path.is_file():
             out.append(StageStatus(stage, False, detail=partial or "not run"))
             continue
+        unread = ""
         header = read_header(path)
         cfg = header.config
         changed = []
         ckpt = Path(cfg["checkpoint"])
         if not ckpt.is_file() or sha256_file(ckpt) != header.inputs.get("checkpoint"):
             changed.append("checkpoint")
+        elif not trust_config and cfg["model"] not in builtin_models():
+            unread = cfg["model"]  # reading a config file runs it: not for a status line
         else:
             try:
                 source = ModelSource.open(cfg["model"], ckpt, Path(cfg["data"]) if cfg["data"] else None)
@@ -106,6 +110,8 @@ def run_status(run: Path) -> list[StageStatus]:
             detail += f", W{cfg['calibrate']['w_bits']}A{cfg['calibrate']['a_bits']}"
         if changed:
             detail += "; changed since: " + ", ".join(changed)
+        if unread:
+            detail += f"; data not checked: model config {unread} is Python (pass --trust-config to read it)"
         out.append(StageStatus(stage, True, not changed, detail, header.created))
     return out
 

@@ -22,7 +22,7 @@ from aphq_cli.devices import resolve_device
 from aphq_cli.errors import AphqError
 from aphq_cli.models.plan import detector_plan
 from aphq_cli.models.surgery import apply_mlp_recon
-from aphq_cli.models.zoo import CONFIG_DIR, default_data_dir, load_config, load_model, resolve_model
+from aphq_cli.models.zoo import CONFIG_DIR, builtin_models, default_data_dir, load_config, load_model, resolve_model
 from aphq_cli.quant.modules import load_quant_state, quant_state
 from aphq_cli.quant.wrap import apply_plan, plan_from_map
 from aphq_cli.tensorcache import TensorCache
@@ -43,6 +43,23 @@ def prepare_run(run: Path) -> Path:
 def stage_path(run: Path, stage: str) -> Path:
     """``run/<stage>.safetensors`` (dashes become underscores)."""
     return Path(run) / f"{stage.replace('-', '_')}.safetensors"
+
+
+def check_recorded_model(model: str, trusted: bool | str | Path | None) -> None:
+    """Refuse to read a model config file that an artifact header names, unless the user vouched for it.
+
+    An mmdetection config is Python, and reading it runs it: an artifact (which
+    anyone can hand over) must never make aphq execute code. A built-in model
+    name resolves to our own configs; a recorded path is read only when the
+    user names the same file on the command line (``--model PATH``) or passes
+    ``--trust-config``.
+    """
+    if model in builtin_models() or trusted is True:
+        return
+    if trusted and str(trusted) not in builtin_models() and Path(trusted).resolve() == Path(model).resolve():
+        return
+    raise AphqError(f"the artifact names model config {model}, and reading a config file runs its Python code; "
+                    f"pass --model {model} or --trust-config if you trust that file")
 
 
 def run_owned(run: Path) -> list[Path]:
@@ -277,11 +294,16 @@ def saved_plan(detector: torch.nn.Module, config: dict, w_bits: int, a_bits: int
         raise AphqError(f"{path} cannot be rebuilt: {err}; rerun the stage that wrote it") from err
 
 
-def load_stage(run: Path, stage: str | None = None, device="cpu", *, trust_checkpoint: bool = False):
+def load_stage(run: Path, stage: str | None = None, device="cpu", *, trust_checkpoint: bool = False,
+               trust_config: bool | str | Path | None = None):
     """Rebuild the quantized detector a stage's artifact describes.
 
     The checkpoint recorded in the artifact must still have the fingerprint
     it had when the stage ran.
+
+    Args:
+        trust_config: a model config path the user named, or True: see
+            :func:`check_recorded_model` (built-in models need nothing).
 
     Returns:
         ``(detector, source, header)``.
@@ -292,6 +314,7 @@ def load_stage(run: Path, stage: str | None = None, device="cpu", *, trust_check
     path = stage_path(run, stage)
     header = read_header(path)
     config = header.config
+    check_recorded_model(config["model"], trust_config)
     source = ModelSource.open(config["model"], Path(config["checkpoint"]), Path(config["data"]) if config["data"]
                               else None, trust_checkpoint=trust_checkpoint)
     if sha256_file(source.checkpoint) != header.inputs["checkpoint"]:

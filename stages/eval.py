@@ -131,7 +131,8 @@ def evaluate(*, model: str = "tiny-mask-rcnn", checkpoint: Path | None = None, d
              run: Path | None = None, stage: str | None = None, artifact: Path | None = None,
              limit: int | None = None, keep_float: list[str] | None = None, per_class: bool = False,
              device: str = "cpu", trust_checkpoint: bool = False, json_path: Path | None = None,
-             record_run: Path | None = None, reuse: bool = False, progress=None) -> EvalResult:
+             record_run: Path | None = None, reuse: bool = False, trust_config: bool = False,
+             progress=None) -> EvalResult:
     """Evaluate a detector's box and mask AP on a COCO-layout split.
 
     Args:
@@ -153,6 +154,8 @@ def evaluate(*, model: str = "tiny-mask-rcnn", checkpoint: Path | None = None, d
         record_run: also record the result in this run folder's ``eval/``
             (a stage of ``run`` is always recorded in ``run``), where
             ``aphq report`` finds it.
+        trust_config: read a model config file that a ``--run`` header names
+            (it is Python); without it, only when ``model`` names the same file.
         reuse: return the recorded result instead of evaluating again when
             it was made from the same weights, annotations and images.
         progress: optional callable ``(done, total)``.
@@ -171,7 +174,8 @@ def evaluate(*, model: str = "tiny-mask-rcnn", checkpoint: Path | None = None, d
         protocol = header.config.get("calib_split", "train")
     elif run is not None:
         stage = stage or newest_stage(run)
-        detector, source, header = load_stage(run, stage, dev, trust_checkpoint=trust_checkpoint)
+        detector, source, header = load_stage(run, stage, dev, trust_checkpoint=trust_checkpoint,
+                                             trust_config=trust_config or model)
         protocol = image_protocol(header.config)
         dataset = _test_split(source.cfg, data if data is not None else source.data, limit)
         label, weights = f"{source.spec.name} [{stage}]", str(source.checkpoint)

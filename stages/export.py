@@ -62,7 +62,7 @@ def export_tensors(detector) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
 
 
 def export(*, run: Path, out: Path, stage: str | None = None, trust_checkpoint: bool = False,
-           force: bool = False) -> Path:
+           force: bool = False, trust_config: bool = False) -> Path:
     """Write the quantized model of ``run`` (its newest quantized stage) to ``out``.
 
     An ``out`` already exported from the same stage artifact is kept as it is
@@ -80,7 +80,8 @@ def export(*, run: Path, out: Path, stage: str | None = None, trust_checkpoint: 
     inputs = {"stage_artifact": sha256_file(stage_path(run, stage))}
     if not force and is_current(out, stage=STAGE, inputs=inputs):
         return Path(out)
-    detector, source, header = load_stage(run, stage, "cpu", trust_checkpoint=trust_checkpoint)
+    detector, source, header = load_stage(run, stage, "cpu", trust_checkpoint=trust_checkpoint,
+                                         trust_config=trust_config)
     tensors, manifest = export_tensors(detector)
     bits = header.config["calibrate"]
     relu = sorted(n[: -len(".mlp.act")] for n, m in detector.named_modules()

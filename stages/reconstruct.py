@@ -307,10 +307,11 @@ def reconstruct(*, run: Path, loss: str | None = None, iters: int | None = None,
                 calib_split: str | None = None,
                 device: str = "cpu", force: bool = False, trust_checkpoint: bool = False,
                 settings: dict | None = None, quant_config: str | Path | None = None,
-                progress=None) -> tuple[Path, bool]:
+                trust_config: bool = False, progress=None) -> tuple[Path, bool]:
     """Reconstruct the calibrated model of ``run`` into ``run/reconstruct.safetensors``.
 
     Args:
+        trust_config: read the model config file the run's header names (it is Python).
         progress: optional callable ``(description, done, total)``.
 
     Returns:
@@ -323,7 +324,8 @@ def reconstruct(*, run: Path, loss: str | None = None, iters: int | None = None,
     if not calib_path.is_file():
         raise AphqError(f"{calib_path} does not exist; run `aphq calibrate --run {run}` first")
     dev = resolve_device(distributed.init(device))
-    detector, source, calib = load_stage(run, "calibrate", dev, trust_checkpoint=trust_checkpoint)
+    detector, source, calib = load_stage(run, "calibrate", dev, trust_checkpoint=trust_checkpoint,
+                                            trust_config=trust_config)
     config = resolve_config(source.cfg, overrides, qc_values)
     dataset = source.calibration_dataset(config.calib_split, limit=config.images)
     out = stage_path(prepare_run(run), STAGE)

@@ -256,3 +256,30 @@ def test_an_output_never_replaces_an_input_or_a_run_artifact(setup, tmp_path):
     for command, message in cases:
         _one_sentence(CliRunner().invoke(app, command), message)
     assert _snapshot(run) | _snapshot(root) | {ann: sha256_file(ann), export: sha256_file(export)} == before
+
+
+def test_an_artifact_never_makes_aphq_run_a_config_file(setup, tmp_path):
+    """#22 item 2: a header naming a .py config is refused (status just says so) unless the user vouches for it."""
+    from aphq_cli.artifacts import save_artifact
+
+    run = _copy_run(setup, tmp_path)
+    marker = tmp_path / "it-ran"
+    evil = tmp_path / "evil.py"
+    evil.write_text(f"open({str(marker)!r}, 'w').write('code from an artifact')\n")
+    path = run / "calibrate.safetensors"
+    tensors, header = load_artifact(path)
+    save_artifact(path, tensors, stage=header.stage, config=dict(header.config, model=str(evil)),
+                  inputs=header.inputs, extra=header.extra)
+    before = _snapshot(run)
+    for command in (["eval", "--run", str(run), "--limit", "1"], ["export", "--run", str(run), "--out",
+                    str(tmp_path / "e.safetensors")], ["reconstruct", "--run", str(run), "--iters", "1"]):
+        _one_sentence(CliRunner().invoke(app, command), f"names model config {evil}", "--trust-config")
+    from aphq_cli.inspect import run_status
+    status = CliRunner().invoke(app, ["status", "--run", str(run)])
+    assert status.exit_code == 0, status.output
+    details = {s.stage: s.detail for s in run_status(run)}
+    assert "is Python (pass --trust-config to read it)" in details["calibrate"]
+    assert not marker.exists() and _snapshot(run) == before
+    # Named on the command line, the file is the user's own: it is read (and runs).
+    CliRunner().invoke(app, ["eval", "--run", str(run), "--limit", "1", "--model", str(evil)])
+    assert marker.exists()
