@@ -2,11 +2,12 @@
 
 Every pipeline stage writes one artifact. Its safetensors header metadata holds
 the stage name, a format version, the stage config as JSON, a sha256
-fingerprint of each input, and a digest of the tensor payload. Readers check
-the header (``safe_open(...).metadata()``) before loading any tensor, so a
-stale or foreign file is refused cheaply, and verify the payload digest after
-loading, because safetensors itself does not detect flipped bytes in tensor
-data.
+fingerprint of each input, a digest of the tensor payload, and a digest of
+all of those together. Readers check the header (``safe_open(...).metadata()``)
+and its digest before loading any tensor, so a stale, foreign or edited file
+is refused cheaply (an edited ``w_bits`` would otherwise describe another
+model), and verify the payload digest after loading, because safetensors
+itself does not detect flipped bytes in tensor data.
 
 Writes are atomic: bytes go to a temporary file in the target's folder, are
 fsynced, and are renamed over the target, so a killed writer leaves the old
@@ -35,7 +36,8 @@ from safetensors.torch import save as _st_save
 
 from aphq_cli.errors import AphqError
 
-FORMAT_VERSION = 1
+# 2: the header digest (aphq.header_sha256) covers stage, format, config, inputs, extra and the payload digest.
+FORMAT_VERSION = 2
 
 _PREFIX = "aphq."
 _KEY_STAGE = _PREFIX + "stage"
@@ -45,6 +47,9 @@ _KEY_INPUTS = _PREFIX + "inputs"
 _KEY_EXTRA = _PREFIX + "extra"
 _KEY_CONTENT = _PREFIX + "content_sha256"
 _KEY_CREATED = _PREFIX + "created"
+_KEY_HEADER = _PREFIX + "header_sha256"
+# What the header digest covers: everything that says what the artifact means (not the write time).
+_DIGESTED = (_KEY_STAGE, _KEY_FORMAT, _KEY_CONFIG, _KEY_INPUTS, _KEY_EXTRA, _KEY_CONTENT)
 
 _CHUNK = 1 << 20
 # Short enough to keep messages on one line, long enough to tell digests apart.
@@ -359,7 +364,13 @@ def save_artifact(
         _KEY_CONTENT: tensors_sha256(cpu),
         _KEY_CREATED: datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    metadata[_KEY_HEADER] = _header_digest(metadata)
     return atomic_write_bytes(path, _st_save(cpu, metadata=metadata))
+
+
+def _header_digest(meta: dict[str, str]) -> str:
+    """sha256 of the metadata fields that give the artifact its meaning, as stored."""
+    return hashlib.sha256(canonical_json([meta.get(k, "") for k in _DIGESTED]).encode()).hexdigest()
 
 
 def _unreadable(p: Path) -> AphqError:
@@ -412,7 +423,8 @@ def read_header(path: str | os.PathLike[str]) -> ArtifactHeader:
 
     Raises:
         AphqError: If the file is missing, not a readable safetensors file,
-            not written by aphq, or written with another format version.
+            not written by aphq, written with another format version, or its
+            header differs from its header digest.
     """
     p = Path(path)
     meta = _read_metadata(p)
@@ -427,6 +439,9 @@ def read_header(path: str | os.PathLike[str]) -> ArtifactHeader:
             f"{p} was written with artifact format {version}, this aphq reads "
             f"{FORMAT_VERSION}; rerun the stage"
         )
+    if meta.get(_KEY_HEADER) != _header_digest(meta):
+        raise AphqError(f"{p} is damaged: its header does not match the digest it was written with "
+                        "(edited since?); rerun the stage")
     return _parse_header(p, meta)
 
 

@@ -84,7 +84,11 @@ def run_status(run: Path, trust_config: bool = False) -> list[StageStatus]:
             out.append(StageStatus(stage, False, detail=partial or "not run"))
             continue
         unread = ""
-        header = read_header(path)
+        try:
+            header = read_header(path)
+        except AphqError as damaged:  # an edited, truncated or foreign file: say so, never call it current
+            out.append(StageStatus(stage, True, False, f"damaged: {damaged}"))
+            continue
         cfg = header.config
         changed = []
         ckpt = Path(cfg["checkpoint"])

@@ -89,7 +89,7 @@ def test_round_trip_is_bit_identical(tmp_path):
     assert got["i64"].tolist() == [-(2**62), 0, 2**62 + 5]
 
     assert header.stage == "calibrate"
-    assert header.format_version == FORMAT_VERSION == 1
+    assert header.format_version == FORMAT_VERSION == 2
     assert header.config == {"bits": 4, "blocks": ["a", "b"]}
     assert header.inputs == INPUTS
     assert header.extra == {"model": "swin-t"}
@@ -101,7 +101,7 @@ def test_round_trip_is_bit_identical(tmp_path):
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
     assert meta["aphq.stage"] == "calibrate"
-    assert meta["aphq.format_version"] == "1"
+    assert meta["aphq.format_version"] == "2"
     assert json.loads(meta["aphq.inputs"]) == INPUTS
 
 
@@ -158,9 +158,9 @@ def test_other_format_version_is_refused(tmp_path):
     path = _save(tmp_path / "c.safetensors")
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
-    meta["aphq.format_version"] = "2"
+    meta["aphq.format_version"] = "3"
     save_file(load_file(str(path)), str(path), metadata=meta)
-    with pytest.raises(AphqError, match="artifact format 2, this aphq reads 1"):
+    with pytest.raises(AphqError, match="artifact format 3, this aphq reads 2"):
         load_artifact(path)
     assert not is_current(path, stage="calibrate", inputs=INPUTS)
 
@@ -381,3 +381,27 @@ def test_remove_stale_temps_keeps_other_files(tmp_path):
     assert remove_stale_temps(tmp_path) == []  # too fresh: a writer may own it
     assert remove_stale_temps(tmp_path, min_age_s=0) == [stale]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in keep)
+
+
+@pytest.mark.parametrize("key, value", [("aphq.config", '{"bits":3,"blocks":["a","b"]}'),
+                                        ("aphq.inputs", '{"checkpoint":"0000","data":"1111"}'),
+                                        ("aphq.stage", "reconstruct"), ("aphq.extra", '{"model":"swin-s"}')])
+def test_an_edited_header_is_damaged(tmp_path, key, value):
+    """The header digest covers every field that says what the artifact means."""
+    path = _save(tmp_path / "c.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    assert meta[key] != value
+    save_file(load_file(str(path)), str(path), metadata=dict(meta, **{key: value}))
+    for read in (read_header, load_artifact):
+        with pytest.raises(AphqError, match="is damaged: its header does not match the digest"):
+            read(path)
+    assert not is_current(path, stage="calibrate", inputs=INPUTS)
+
+
+def test_the_write_time_is_not_part_of_the_meaning(tmp_path):
+    path = _save(tmp_path / "c.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    save_file(load_file(str(path)), str(path), metadata=dict(meta, **{"aphq.created": "2020-01-01T00:00:00+00:00"}))
+    assert read_header(path).created.startswith("2020")

@@ -6,6 +6,7 @@ tampering, torn writes, checkpoint layouts) live beside their modules.
 
 import errno
 import os
+import json
 import shutil
 import signal
 import subprocess
@@ -283,3 +284,34 @@ def test_an_artifact_never_makes_aphq_run_a_config_file(setup, tmp_path):
     # Named on the command line, the file is the user's own: it is read (and runs).
     CliRunner().invoke(app, ["eval", "--run", str(run), "--limit", "1", "--model", str(evil)])
     assert marker.exists()
+
+
+def test_an_edited_header_is_refused_as_damaged(setup, tmp_path):
+    """#22 item 3: a_bits 4 -> 3 inside aphq.config (a stage artifact, an export) is caught, never evaluated."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from aphq_cli.inspect import run_status
+
+    run = _copy_run(setup, tmp_path)
+    export = tmp_path / "w4a4.safetensors"
+    assert CliRunner().invoke(app, ["export", "--run", str(run), "--out", str(export)]).exit_code == 0
+
+    def edit(path, change):
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+        config = json.loads(meta["aphq.config"])
+        change(config)
+        save_file(load_file(str(path)), str(path), metadata=dict(meta, **{"aphq.config": json.dumps(config)}))
+
+    edit(run / "calibrate.safetensors", lambda c: c["calibrate"].update(a_bits=3))
+    edit(export, lambda c: c.update(a_bits=3))
+    before = _snapshot(run) | {export: sha256_file(export)}
+    _one_sentence(CliRunner().invoke(app, ["eval", "--run", str(run), "--limit", "1"]), "is damaged", "rerun the stage")
+    _one_sentence(CliRunner().invoke(app, ["eval", "--artifact", str(export), "--limit", "1"]), "is damaged")
+    _one_sentence(CliRunner().invoke(app, ["export", "--run", str(run), "--out", str(tmp_path / "x.safetensors")]),
+                  "is damaged")
+    status = {s.stage: s for s in run_status(run)}["calibrate"]
+    assert status.current is False and status.detail.startswith("damaged:")
+    assert CliRunner().invoke(app, ["status", "--run", str(run)]).exit_code == 0
+    assert _snapshot(run) | {export: sha256_file(export)} == before
