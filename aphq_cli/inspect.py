@@ -12,7 +12,7 @@ from safetensors import safe_open
 from aphq_cli.artifacts import read_header, sha256_file
 from aphq_cli.errors import AphqError
 from aphq_cli.models.zoo import builtin_models
-from aphq_cli.runs import ModelSource, STAGES, image_protocol, stage_path
+from aphq_cli.runs import ModelSource, STAGES, image_protocol, stage_path, upstream_changes
 
 
 def tensor_rows(path: Path) -> list[tuple[str, str, str, str]]:
@@ -104,9 +104,7 @@ def run_status(run: Path, trust_config: bool = False) -> list[StageStatus]:
                     changed.append("data")
             except AphqError:
                 changed.append("data")
-        mlp = cfg.get("mlp_recon_artifact")
-        if mlp and (not Path(mlp).is_file() or sha256_file(mlp) != header.inputs.get("mlp_recon")):
-            changed.append("mlp-recon artifact")
+        changed += upstream_changes(run, stage, header)
         protocol = image_protocol(cfg)
         images = "published val-split images" if protocol == "val" else f"images: {protocol}"
         detail = f"{cfg['model']}, checkpoint {ckpt.name}, {len(cfg['image_ids'])} image(s) ({images})"

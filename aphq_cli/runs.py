@@ -45,6 +45,25 @@ def stage_path(run: Path, stage: str) -> Path:
     return Path(run) / f"{stage.replace('-', '_')}.safetensors"
 
 
+def upstream_changes(run: Path, stage: str, header) -> list[str]:
+    """The earlier stages' artifacts that differ from those ``stage``'s artifact was made from.
+
+    Reconstruct records the fingerprint of the calibrate artifact it started
+    from, calibrate (after mlp-recon) that of the mlp-recon artifact: when the
+    file now there is another (calibrated again with other bits, say), the later
+    stage describes a model that no longer follows from the run, so it is stale.
+    """
+    changed = []
+    if stage == "reconstruct":
+        calib = stage_path(run, "calibrate")
+        if not calib.is_file() or sha256_file(calib) != header.inputs.get("calibrate"):
+            changed.append("calibrate artifact")
+    mlp = header.config.get("mlp_recon_artifact")
+    if mlp and (not Path(mlp).is_file() or sha256_file(mlp) != header.inputs.get("mlp_recon")):
+        changed.append("mlp-recon artifact")
+    return changed
+
+
 def check_recorded_model(model: str, trusted: bool | str | Path | None) -> None:
     """Refuse to read a model config file that an artifact header names, unless the user vouched for it.
 
@@ -322,10 +341,12 @@ def load_stage(run: Path, stage: str | None = None, device="cpu", *, trust_check
     tensors, header = load_artifact(path, stage=stage)
     if stage == "mlp-recon":
         return source.build(device, mlp_recon=path), source, header
+    stale = upstream_changes(run, stage, header)
+    if stale:
+        earlier = "calibrate" if "calibrate artifact" in stale else "mlp-recon"
+        raise AphqError(f"{path} is stale: the {' and '.join(stale)} it was made from changed or is gone; "
+                        f"rerun `aphq {stage} --run {run}`, or name an earlier stage with --stage {earlier}")
     mlp = config.get("mlp_recon_artifact")
-    if mlp:
-        if not Path(mlp).is_file() or sha256_file(mlp) != header.inputs.get("mlp_recon"):
-            raise AphqError(f"{mlp} changed or is gone since {path} was made; rerun the stage")
     detector = source.build(device, mlp_recon=Path(mlp) if mlp else None)
     bits = config["calibrate"]
     apply_plan(detector, saved_plan(detector, config, bits["w_bits"], bits["a_bits"], path))

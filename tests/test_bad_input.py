@@ -315,3 +315,31 @@ def test_an_edited_header_is_refused_as_damaged(setup, tmp_path):
     assert status.current is False and status.detail.startswith("damaged:")
     assert CliRunner().invoke(app, ["status", "--run", str(run)]).exit_code == 0
     assert _snapshot(run) | {export: sha256_file(export)} == before
+
+
+def test_a_stage_built_on_an_artifact_that_changed_is_stale_everywhere(setup, tmp_path):
+    """#22 item 4: calibrate again, and the reconstruct made from the old calibration is stale, not current."""
+    from aphq_cli.artifacts import save_artifact
+    from aphq_cli.inspect import run_status
+
+    run = _copy_run(setup, tmp_path)
+    result = CliRunner().invoke(app, ["reconstruct", "--run", str(run), "--loss", "mse", "--images", "1",
+                                      "--iters", "1"])
+    assert result.exit_code == 0, result.output
+    assert {s.stage: s.current for s in run_status(run)}["reconstruct"] is True
+    # What `calibrate --force` with other settings leaves: another calibrate artifact in the folder.
+    path = run / "calibrate.safetensors"
+    tensors, header = load_artifact(path)
+    key = next(k for k in tensors if k.endswith("a_quant.scale"))
+    tensors[key] = tensors[key] * 2
+    save_artifact(path, tensors, stage=header.stage, config=header.config, inputs=header.inputs, extra=header.extra)
+    before = _snapshot(run)
+    status = {s.stage: s for s in run_status(run)}
+    assert status["calibrate"].current is True
+    assert status["reconstruct"].current is False and "calibrate artifact" in status["reconstruct"].detail
+    for command in (["eval", "--run", str(run), "--limit", "1"],
+                    ["export", "--run", str(run), "--out", str(tmp_path / "e.safetensors")]):
+        _one_sentence(CliRunner().invoke(app, command), "reconstruct.safetensors is stale", "--stage calibrate")
+    assert _snapshot(run) == before
+    assert CliRunner().invoke(app, ["export", "--run", str(run), "--stage", "calibrate", "--out",
+                                    str(tmp_path / "e.safetensors")]).exit_code == 0
