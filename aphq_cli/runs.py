@@ -8,6 +8,9 @@ quantized detector of a stage from its artifact alone, never re-running it.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +18,7 @@ from typing import Iterator
 
 import torch
 
+from aphq_cli import distributed
 from aphq_cli.artifacts import atomic_write_bytes, load_artifact, read_header, sha256_file, sha256_json
 from aphq_cli.data.coco import build_dataset, build_loader, calibration_dataset, fingerprint_dataset, to_device
 from aphq_cli.data.synth import default_cache_root
@@ -33,11 +37,75 @@ STAGES = ("mlp-recon", "calibrate", "reconstruct")  # in pipeline order; later s
 
 
 def prepare_run(run: Path) -> Path:
-    """Create the run folder and check it is writable, before any long computation."""
+    """Create the run folder and check it is writable, before any long computation.
+
+    Inside a :func:`writes_run` stage this also takes the folder's writer lock
+    for the rest of the stage.
+    """
     run = Path(run)
     probe = atomic_write_bytes(run / f".aphq-write-check-{os.getpid()}", b"")  # per process: torchrun ranks
     probe.unlink()
+    if _SCOPES:
+        _SCOPES[-1].enter_context(run_lock(run))
     return run
+
+
+LOCK_NAME = ".aphq.lock"
+_HELD: set[Path] = set()  # run folders whose lock this process holds
+
+
+@contextlib.contextmanager
+def run_lock(run: Path) -> Iterator[Path]:
+    """Hold the run folder's writer lock for the scope: one writing process per run folder.
+
+    ``flock`` on ``RUN/.aphq.lock``: the OS releases it when the process dies, so
+    a killed run never leaves a stale lock. Re-entrant within a process (the
+    demo chains stages in one); under torchrun rank 0 holds it for the job.
+
+    Raises:
+        AphqError: another process holds it (the sentence names its PID).
+    """
+    run = Path(run).resolve()
+    if run in _HELD or not distributed.is_main():  # held already by this process, or by rank 0 for the job
+        yield run
+        return
+    fd = os.open(run / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise AphqError(f"run folder {run} is being written by process {holder}; wait for it to finish, "
+                        "or use another --run folder") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _HELD.add(run)
+    try:
+        yield run
+    finally:
+        _HELD.discard(run)
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+_SCOPES: list[contextlib.ExitStack] = []  # open @writes_run calls, innermost last
+
+
+def writes_run(stage_fn):
+    """Decorator: a stage function holds its run folder's lock from its first write on until it returns.
+
+    The lock is taken where the stage calls :func:`prepare_run` (after its
+    arguments are checked, so a refused command leaves no folder behind), not
+    at the call.
+    """
+    @functools.wraps(stage_fn)
+    def locked(*args, **kwargs):
+        with contextlib.ExitStack() as scope:
+            _SCOPES.append(scope)
+            try:
+                return stage_fn(*args, **kwargs)
+            finally:
+                _SCOPES.pop()
+    return locked
 
 
 def stage_path(run: Path, stage: str) -> Path:

@@ -22,7 +22,7 @@ from aphq_cli.models.plan import detector_plan
 from aphq_cli.quant.calib import SearchSettings, calibrate_model
 from aphq_cli.quant.wrap import apply_plan, quantization_map
 from aphq_cli.quantconfig import stage_settings
-from aphq_cli.runs import ModelSource, prepare_run, quantized_tensors, stage_path
+from aphq_cli.runs import ModelSource, prepare_run, quantized_tensors, stage_path, writes_run
 from aphq_cli.settings import resolve_settings, settings_from_dict, with_arguments
 
 STAGE = "calibrate"
@@ -60,6 +60,7 @@ def resolve_config(cfg, overrides: dict, file_values: dict | None = None) -> Cal
     return resolve_settings(CalibrateConfig, cfg, STAGE, overrides, file_values)
 
 
+@writes_run
 def calibrate(*, model: str, run: Path, w_bits: int | None = None, a_bits: int | None = None,
               calib_images: int | None = None, calib_split: str | None = None, checkpoint: Path | None = None,
               data: Path | None = None, image_list: Path | None = None, device: str = "cpu", force: bool = False,

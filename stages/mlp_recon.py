@@ -27,7 +27,7 @@ from aphq_cli.models.swin import SwinBlock
 from aphq_cli.quant.aph import ensure_block_aph
 from aphq_cli.quant.primitives import row_quantile
 from aphq_cli.quantconfig import stage_settings
-from aphq_cli.runs import ModelSource, aph_cache, prepare_run, stage_path
+from aphq_cli.runs import ModelSource, aph_cache, prepare_run, stage_path, writes_run
 from aphq_cli.settings import resolve_settings, settings_from_dict, with_arguments
 from aphq_cli.tensorcache import TensorCache
 
@@ -171,6 +171,7 @@ def collect_mlp_io(detector: nn.Module, blocks: list[tuple[str, nn.Module]], ima
     return ubs
 
 
+@writes_run
 def mlp_recon(*, model: str, run: Path, iters: int | None = None, images: int | None = None,
               calib_split: str | None = None,
               checkpoint: Path | None = None, data: Path | None = None, device: str = "cpu",

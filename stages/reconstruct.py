@@ -33,7 +33,7 @@ from aphq_cli.quant.aph import block_fisher, ensure_block_aph
 from aphq_cli.quant.modules import QuantConv2d, QuantLinear, Quantizer
 from aphq_cli.quant.wrap import quantization_map
 from aphq_cli.quantconfig import stage_settings
-from aphq_cli.runs import aph_cache, load_stage, prepare_run, quantized_tensors, stage_path
+from aphq_cli.runs import aph_cache, load_stage, prepare_run, quantized_tensors, stage_path, writes_run
 from aphq_cli.settings import resolve_settings, settings_from_dict, with_arguments
 from aphq_cli.tensorcache import TensorCache
 
@@ -303,6 +303,7 @@ def _loss_weights(loss: str, k: int, name: str, unit_q, detector, fp, caches: Un
     raise AphqError(f"unknown loss {loss!r}")
 
 
+@writes_run
 def reconstruct(*, run: Path, loss: str | None = None, iters: int | None = None, images: int | None = None,
                 calib_split: str | None = None,
                 device: str = "cpu", force: bool = False, trust_checkpoint: bool = False,

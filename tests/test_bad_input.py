@@ -36,7 +36,8 @@ def _one_sentence(result, *fragments):
 
 
 def _snapshot(folder):
-    return {p: sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+    # The writer lock file holds the PID of the last writer, not data.
+    return {p: sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".aphq.lock"}
 
 
 @pytest.fixture(scope="module")
@@ -343,3 +344,29 @@ def test_a_stage_built_on_an_artifact_that_changed_is_stale_everywhere(setup, tm
     assert _snapshot(run) == before
     assert CliRunner().invoke(app, ["export", "--run", str(run), "--stage", "calibrate", "--out",
                                     str(tmp_path / "e.safetensors")]).exit_code == 0
+
+
+def test_one_writer_per_run_folder(setup, tmp_path):
+    """#22 item 1 (the lock): a second writer on a busy run folder gets one sentence naming the holder."""
+    run = _copy_run(setup, tmp_path)
+    first = subprocess.Popen([sys.executable, "-m", "aphq_cli", "reconstruct", "--run", str(run), "--loss", "mse",
+                              "--images", "2", "--iters", "100000"], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        lock = run / ".aphq.lock"
+        deadline = time.monotonic() + 120
+        while not (lock.is_file() and lock.read_text().strip() == str(first.pid)):
+            assert first.poll() is None and time.monotonic() < deadline, "the first writer never took the lock"
+            time.sleep(0.2)
+        before = sha256_file(run / "calibrate.safetensors")  # the first writer changes only its own cache
+        for command in (["calibrate", "--run", str(run), "--model", "tiny-mask-rcnn", "--checkpoint", str(setup[2]),
+                         "--data", str(setup[3]), "--w-bits", "6", "--a-bits", "6", "--force"],
+                        ["reconstruct", "--run", str(run), "--loss", "mse", "--images", "2", "--iters", "1"]):
+            _one_sentence(CliRunner().invoke(app, command), f"is being written by process {first.pid}")
+        assert sha256_file(run / "calibrate.safetensors") == before and first.poll() is None
+    finally:
+        first.kill()
+        first.wait()
+    # Killed, its lock is gone with it: the next writer runs.
+    result = CliRunner().invoke(app, ["reconstruct", "--run", str(run), "--loss", "none"])
+    assert result.exit_code == 0, result.output
