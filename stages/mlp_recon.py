@@ -210,10 +210,14 @@ def mlp_recon(*, model: str, run: Path, iters: int | None = None, images: int | 
     # Under torchrun: rank 0 alone caches the MLP inputs (one float forward per image for all
     # blocks) and trains; every rank computes its share of the APH estimates.
     main = distributed.is_main()
-    if main and (force or not all(io_cache.complete(n, len(images)) for n, _ in blocks)):
+    ub_path = Path(run) / "mlp_recon" / "ub.safetensors"
+    # The bounds and the MLP input cache are made together: an unreadable or older-format bounds file
+    # (another aphq version) is remade with them, not a dead end for every rerun.
+    if main and (force or not all(io_cache.complete(n, len(images)) for n, _ in blocks)
+                 or not is_current(ub_path, stage="mlp-recon-ub", inputs=inputs)):
         ubs = collect_mlp_io(detector, blocks, images, io_cache, config.pct,
                              lambda d, t: report("collect float MLP inputs", d, t))
-        save_artifact(Path(run) / "mlp_recon" / "ub.safetensors",
+        save_artifact(ub_path,
                       {f"{n}.ub": torch.tensor(v) for n, v in ubs.items()},
                       stage="mlp-recon-ub", config=header, inputs=inputs)
     for name, block in blocks:  # APH needs the untouched float model: all blocks first
@@ -222,7 +226,7 @@ def mlp_recon(*, model: str, run: Path, iters: int | None = None, images: int | 
     if not main:
         return out, False
     ubs = {k[: -len(".ub")]: float(v) for k, v in
-           load_artifact(Path(run) / "mlp_recon" / "ub.safetensors", stage="mlp-recon-ub",
+           load_artifact(ub_path, stage="mlp-recon-ub",
                          expect_inputs=inputs)[0].items()}
 
     result: dict[str, torch.Tensor] = {}
