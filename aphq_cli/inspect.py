@@ -11,8 +11,7 @@ from safetensors import safe_open
 
 from aphq_cli.artifacts import read_header, sha256_file
 from aphq_cli.errors import AphqError
-from aphq_cli.models.zoo import builtin_models
-from aphq_cli.runs import ModelSource, STAGES, image_protocol, stage_path, upstream_changes
+from aphq_cli.runs import ModelSource, STAGES, check_recorded_model, image_protocol, stage_path, upstream_changes
 
 
 def tensor_rows(path: Path) -> list[tuple[str, str, str, str]]:
@@ -72,6 +71,14 @@ class StageStatus:
     created: str = ""
 
 
+def _may_read(model: str, trust_config: bool) -> bool:
+    try:
+        check_recorded_model(model, trust_config)
+        return True
+    except AphqError:
+        return False
+
+
 def run_status(run: Path, trust_config: bool = False) -> list[StageStatus]:
     """Each pipeline stage of ``run``: present, current or stale (which input changed), progress."""
     if not Path(run).is_dir():
@@ -94,7 +101,7 @@ def run_status(run: Path, trust_config: bool = False) -> list[StageStatus]:
         ckpt = Path(cfg["checkpoint"])
         if not ckpt.is_file() or sha256_file(ckpt) != header.inputs.get("checkpoint"):
             changed.append("checkpoint")
-        elif not trust_config and cfg["model"] not in builtin_models():
+        elif not _may_read(cfg["model"], trust_config):
             unread = cfg["model"]  # reading a config file runs it: not for a status line
         else:
             try:
