@@ -214,6 +214,8 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     target = Path(path)
     folder = target.parent
     _ensure_folder(folder)
+    # What a killed earlier writer of this same file left: the new write replaces it anyway.
+    remove_stale_temps(folder, min_age_s=0, target=target.name)
     tmp = _temp_path(target)
     try:
         # O_EXCL: never clobber another writer's temp; 0o666 lets the umask
@@ -255,13 +257,41 @@ def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "
     return atomic_write_bytes(path, text.encode(encoding))
 
 
-def remove_stale_temps(folder: str | os.PathLike[str], *, min_age_s: float = 60.0) -> list[Path]:
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, but belongs to someone else
+        return True
+    return True
+
+
+def _writer_gone(temp: Path, min_age_s: float, now: float) -> bool:
+    """A temp file's writer (the pid in its name) has died here, and the file is ``min_age_s`` old."""
+    pid = int(temp.name.rsplit(".", 3)[1])
+    try:
+        age = now - temp.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    # The age guards a run folder on a file system shared with other machines, where a pid names
+    # nothing here: their writers rewrite a temp's bytes long before a minute passes.
+    return age >= min_age_s and not process_alive(pid)
+
+
+def remove_stale_temps(folder: str | os.PathLike[str], *, min_age_s: float = 60.0,
+                       recursive: bool = False, target: str | None = None) -> list[Path]:
     """Deletes temporary files left in ``folder`` by killed writers.
+
+    A temp file is stale when the process named in it is gone and it has not
+    been touched for ``min_age_s``: a running writer keeps its file.
 
     Args:
         folder: The artifact folder.
-        min_age_s: Only temps untouched for this long are removed, so a
-            writer that is still running keeps its file.
+        min_age_s: Only temps untouched for this long are removed.
+        recursive: Also sweep every folder below ``folder``.
+        target: Only the temps of this file name (``a.safetensors``).
 
     Returns:
         The removed paths, sorted.
@@ -271,14 +301,17 @@ def remove_stale_temps(folder: str | os.PathLike[str], *, min_age_s: float = 60.
         return []
     now = time.time()
     removed = []
-    for p in sorted(root.iterdir()):
-        if not _TEMP_RE.match(p.name):
-            continue
-        with contextlib.suppress(FileNotFoundError):
-            if now - p.stat().st_mtime >= min_age_s:
-                p.unlink()
-                removed.append(p)
-    return removed
+    walk = os.walk(root) if recursive else [(str(root), [], os.listdir(root))]
+    for where, _, names in walk:
+        for name in names:
+            if not _TEMP_RE.match(name) or (target is not None and not name.startswith(f".{target}.")):
+                continue
+            p = Path(where) / name
+            if _writer_gone(p, min_age_s, now):
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+                    removed.append(p)
+    return sorted(removed)
 
 
 # --------------------------------------------------------------------------
@@ -552,3 +585,27 @@ def is_current(path: str | os.PathLike[str], *, stage: str, inputs: dict[str, st
     except AphqError:
         return False
     return header.stage == stage and header.inputs == inputs
+
+
+def load_if_current(path: str | os.PathLike[str], *, stage: str, inputs: dict[str, str],
+                    device: str | torch.device = "cpu") -> dict[str, torch.Tensor] | None:
+    """The tensors of a finished part, or None when it has to be made (again).
+
+    A resumable stage asks this of each part (block, unit) it finished on an
+    earlier run. A part that is absent, was made from other inputs, or is
+    damaged (an unreadable header, or tensor data that fails its digest)
+    gives None, so the stage recomputes it and overwrites the file, instead
+    of stopping every resume on it.
+
+    Args:
+        path: The part's artifact file.
+        stage: The stage that should have written it.
+        inputs: Input name -> fingerprint as they are now.
+        device: Where to put the loaded tensors.
+    """
+    if not is_current(path, stage=stage, inputs=inputs):
+        return None
+    try:
+        return load_artifact(path, stage=stage, expect_inputs=inputs, device=device)[0]
+    except AphqError:
+        return None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -37,8 +38,22 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Show trac
     _state["verbose"] = verbose
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a batch scheduler's stop), handled as Ctrl-C is: finished work is kept."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
+# Exit codes, the same for every command (README, "Exit codes").
+EXIT_USER_ERROR = AphqError.exit_code  # 2, as for a usage error
+EXIT_INTERRUPTED = 130  # Ctrl-C: 128 + SIGINT
+EXIT_TERMINATED = 143  # SIGTERM: 128 + SIGTERM
+
+
 def user_errors(fn: Callable) -> Callable:
-    """Turn :class:`AphqError` and Ctrl-C into one line on stderr and an exit code."""
+    """Turn :class:`AphqError`, Ctrl-C and SIGTERM into one line on stderr and an exit code."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -53,9 +68,10 @@ def user_errors(fn: Callable) -> Callable:
                 err.print_exception()
             err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code)
-        except KeyboardInterrupt:
-            err.print("[bold red]interrupted:[/] stopped by Ctrl-C; finished work was kept", soft_wrap=True)
-            raise typer.Exit(130)
+        except KeyboardInterrupt as stop:
+            how = "SIGTERM" if isinstance(stop, Terminated) else "Ctrl-C"
+            err.print(f"[bold red]interrupted:[/] stopped by {how}; finished work was kept", soft_wrap=True)
+            raise typer.Exit(EXIT_TERMINATED if isinstance(stop, Terminated) else EXIT_INTERRUPTED)
 
     return wrapper
 
@@ -102,7 +118,9 @@ TrustOpt = typer.Option(False, "--trust-checkpoint",
 @app.command("eval")
 @user_errors
 def eval_cmd(
-    model: str = ModelOpt,
+    model: Optional[str] = typer.Option(
+        None, "--model", "-m", help="Built-in model name (see `aphq models`) or mmdetection config path "
+                                    "(default tiny-mask-rcnn). With --run: the model the run was made with."),
     checkpoint: Optional[Path] = CheckpointOpt,
     data: Optional[Path] = DataOpt,
     run: Optional[Path] = typer.Option(None, "--run", "-r",
@@ -131,6 +149,8 @@ def eval_cmd(
                           trust_config=trust_config, progress=update)
     if _state["verbose"]:
         err.print(result.log)
+    if result.note:
+        err.print(f"note: {result.note}", highlight=False, soft_wrap=True)
     if result.per_class is not None:
         err.print(class_table("AP per class", result.per_class))
     err.print(metrics_table(f"{result.model} on {result.images} image(s), {result.seconds:.1f} s",
@@ -220,12 +240,11 @@ def export_cmd(
 ) -> None:
     """Packed integer weights and every quantizer, reloadable with `aphq eval --artifact`."""
     from aphq_cli.console import err
-    from aphq_cli.artifacts import read_header
-    from aphq_cli.runs import newest_stage, stage_path
+    from aphq_cli.runs import newest_stage, read_stage
     from stages.export import export
 
-    path = export(run=run, out=out, stage=stage, trust_checkpoint=trust_checkpoint, trust_config=trust_config)
-    ckpt = Path(read_header(stage_path(run, stage or newest_stage(run))).config["checkpoint"])
+    path = export(run=run, out=out, stage=stage, trust_checkpoint=trust_checkpoint, trust_config=trust_config).path
+    ckpt = Path(read_stage(run, stage or newest_stage(run))[1].checkpoint)
     size, fp = path.stat().st_size, ckpt.stat().st_size
     err.print(f"export {size / 2**20:.2f} MiB; float checkpoint {ckpt.name} {fp / 2**20:.2f} MiB "
               f"({fp / size:.1f}x larger)")
@@ -237,8 +256,8 @@ def export_cmd(
 def demo_cmd(
     model: str = typer.Option("tiny-mask-rcnn", "--model", "-m", help="A testbed model."),
     run: Path = typer.Option(Path("runs/demo"), "--run", "-r", help="Run folder for the stage artifacts."),
-    w_bits: int = typer.Option(4, "--w-bits"),
-    a_bits: int = typer.Option(4, "--a-bits"),
+    w_bits: Optional[int] = typer.Option(None, "--w-bits", help="Weight bits, 2-8 (default 4)."),
+    a_bits: Optional[int] = typer.Option(None, "--a-bits", help="Activation bits, 2-8 (default 4)."),
     limit: int = typer.Option(100, "--limit", "-n",
                               help="Evaluate on the first N val images (default 100 of 200: five evaluations "
                                    "of all 200 would take most of the demo's time on two cores)."),
@@ -250,7 +269,7 @@ def demo_cmd(
 
     rows = run_demo(model=model, run=run, w_bits=w_bits, a_bits=a_bits, limit=limit, device=device,
                     json_path=json_path)
-    print_demo(rows, f"aphq demo: {model}, W{w_bits}A{a_bits}, run folder {run}")
+    print_demo(rows, f"aphq demo: {model}, run folder {run}")  # the calibrate row names the bits
     print(run)
 
 
@@ -354,6 +373,7 @@ def main() -> None:
 
     if not distributed.is_main():
         sys.stdout = open(os.devnull, "w")  # paths and JSON come once, from rank 0
+    signal.signal(signal.SIGTERM, _terminate)
     app(prog_name="aphq")
 
 

@@ -17,6 +17,7 @@ from rich.table import Table
 from aphq_cli.artifacts import atomic_write_text
 from aphq_cli.console import err, stage_progress
 from aphq_cli.runs import prepare_run
+from aphq_cli.settings import with_arguments
 from stages.calibrate import CalibrateConfig, calibrate
 from stages.eval import evaluate
 from stages.export import export
@@ -34,7 +35,8 @@ class StageRow:
     note: str = ""
 
 
-def run_demo(*, model: str = "tiny-mask-rcnn", run: Path = Path("runs/demo"), w_bits: int = 4, a_bits: int = 4,
+def run_demo(*, model: str = "tiny-mask-rcnn", run: Path = Path("runs/demo"), w_bits: int | None = None,
+             a_bits: int | None = None,
              limit: int | None = None, device: str = "cpu", json_path: Path | None = None) -> list[StageRow]:
     """Run the chain and return one row per step.
 
@@ -45,7 +47,8 @@ def run_demo(*, model: str = "tiny-mask-rcnn", run: Path = Path("runs/demo"), w_
         limit: evaluate on the first N val images only (all by default).
     """
     # Nonsense bit-widths or an unwritable folder fail now, not after minutes of earlier stages.
-    CalibrateConfig(w_bits=w_bits, a_bits=a_bits)
+    bits = CalibrateConfig(**with_arguments(None, w_bits=w_bits, a_bits=a_bits))  # calibrate's defaults
+    w_bits, a_bits = bits.w_bits, bits.a_bits
     prepare_run(run)
     rows: list[StageRow] = []
 
@@ -54,11 +57,10 @@ def run_demo(*, model: str = "tiny-mask-rcnn", run: Path = Path("runs/demo"), w_
         with stage_progress() as report:
             out = fn(lambda *a: report(f"{label}: {a[0]}" if len(a) == 3 else label, *a[-2:]))
         seconds = round(time.perf_counter() - start, 1)
-        if metrics:
+        if metrics:  # an EvalResult
             rows.append(StageRow(label, seconds, out.metrics, note="cached" if out.reused else ""))
-        else:
-            path, hit = out if isinstance(out, tuple) else (out, False)
-            rows.append(StageRow(label, seconds, note="cached" if hit else str(path)))
+        else:  # a StageResult
+            rows.append(StageRow(label, seconds, note="cached" if out.reused else str(out.path)))
         return out
 
     cached = dict(reuse=True, record_run=run, limit=limit, device=device)

@@ -30,6 +30,8 @@ class EvalResult:
             reconstruction images came from (``train``, or ``val``: the
             published protocol, whose images are among those evaluated);
             empty for a float model.
+        note: what the user should know about the result that is not a
+            metric (it was not recorded in a read-only run folder).
     """
 
     metrics: dict[str, float]
@@ -42,10 +44,11 @@ class EvalResult:
     reused: bool = field(default=False, repr=False)
     per_class: dict[str, dict[str, float]] | None = None
     calib_split: str = ""
+    note: str = field(default="", repr=False)
 
     def to_json(self) -> dict:
         out = dict(self.metrics)
-        skip = ("metrics", "log", "reused") + (("per_class",) if self.per_class is None else ())
+        skip = ("metrics", "log", "reused", "note") + (("per_class",) if self.per_class is None else ())
         out.update({k: v for k, v in asdict(self).items() if k not in skip})
         return out
 

@@ -13,6 +13,7 @@ from mmcv import Config
 
 from aphq_cli.artifacts import load_artifact
 from aphq_cli.errors import AphqError
+from aphq_cli.headers import ExportRecord
 from aphq_cli.models.surgery import relu_mlps
 from aphq_cli.models.zoo import build_model
 from aphq_cli.quant.modules import QuantConv2d, QuantLinear, quantizers
@@ -36,13 +37,13 @@ def load_export(path: Path, device="cpu"):
         ``(detector, mmcv config, header)``.
     """
     tensors, header = load_artifact(path, stage="export")
-    config = header.config
-    if config.get("export_format") != EXPORT_FORMAT:
-        raise AphqError(f"{path} is export format {config.get('export_format')}, this aphq reads {EXPORT_FORMAT}")
-    cfg = Config(config["mmdet_config"])
+    made = ExportRecord.from_dict(header.config, path)
+    if made.export_format != EXPORT_FORMAT:
+        raise AphqError(f"{path} is export format {made.export_format}, this aphq reads {EXPORT_FORMAT}")
+    cfg = Config(made.mmdet_config)
     detector = build_model(cfg)
-    relu_mlps(detector, config["relu_mlp_blocks"])
-    apply_plan(detector, saved_plan(detector, config, config["w_bits"], config["a_bits"], path))
+    relu_mlps(detector, made.relu_mlp_blocks)
+    apply_plan(detector, saved_plan(detector, made, path))
     layers = weight_layers(detector)
     expected = {f"w:{n}" for n in layers}
     found = {k for k in tensors if k.startswith("w:") and not k.endswith((".scale", ".zero_point"))}
@@ -51,7 +52,9 @@ def load_export(path: Path, device="cpu"):
                         f"({len(found ^ expected)} layer(s))")
     with torch.no_grad():
         for name, layer in layers.items():
-            entry = config["manifest"][f"w:{name}"]
+            entry = made.manifest.get(f"w:{name}")
+            if not isinstance(entry, dict) or not isinstance(entry.get("shape"), list):
+                raise AphqError(f"{path} has a malformed aphq header: its manifest lacks w:{name}; re-export it")
             shape = tuple(entry["shape"])
             q = layer.w_quant
             if entry.get("bits") != q.bits:

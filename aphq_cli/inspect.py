@@ -11,7 +11,8 @@ from safetensors import safe_open
 
 from aphq_cli.artifacts import read_header, sha256_file
 from aphq_cli.errors import AphqError
-from aphq_cli.runs import ModelSource, STAGES, check_recorded_model, image_protocol, stage_path, upstream_changes
+from aphq_cli.headers import stage_record
+from aphq_cli.runs import ModelSource, STAGES, check_recorded_model, read_stage, stage_path, upstream_changes
 
 
 def tensor_rows(path: Path) -> list[tuple[str, str, str, str]]:
@@ -92,31 +93,30 @@ def run_status(run: Path, trust_config: bool = False) -> list[StageStatus]:
             continue
         unread = ""
         try:
-            header = read_header(path)
-        except AphqError as damaged:  # an edited, truncated or foreign file: say so, never call it current
+            header, made = read_stage(run, stage)
+        except AphqError as damaged:  # an edited, truncated, foreign or malformed file: never call it current
             out.append(StageStatus(stage, True, False, f"damaged: {damaged}"))
             continue
-        cfg = header.config
         changed = []
-        ckpt = Path(cfg["checkpoint"])
+        ckpt = Path(made.checkpoint)
         if not ckpt.is_file() or sha256_file(ckpt) != header.inputs.get("checkpoint"):
             changed.append("checkpoint")
-        elif not _may_read(cfg["model"], trust_config):
-            unread = cfg["model"]  # reading a config file runs it: not for a status line
+        elif not _may_read(made.model, trust_config):
+            unread = made.model  # reading a config file runs it: not for a status line
         else:
             try:
-                source = ModelSource.open(cfg["model"], ckpt, Path(cfg["data"]) if cfg["data"] else None)
-                dataset = source.calibration_dataset(cfg.get("calib_split", "train"), image_ids=cfg["image_ids"])
+                source = ModelSource.open(made.model, ckpt, Path(made.data) if made.data else None)
+                dataset = source.calibration_dataset(made.calib_split or "train", image_ids=made.image_ids)
                 if source.fingerprints(dataset)["data"] != header.inputs.get("data"):
                     changed.append("data")
             except AphqError:
                 changed.append("data")
         changed += upstream_changes(run, stage, header)
-        protocol = image_protocol(cfg)
+        protocol = made.protocol
         images = "published val-split images" if protocol == "val" else f"images: {protocol}"
-        detail = f"{cfg['model']}, checkpoint {ckpt.name}, {len(cfg['image_ids'])} image(s) ({images})"
-        if "calibrate" in cfg:
-            detail += f", W{cfg['calibrate']['w_bits']}A{cfg['calibrate']['a_bits']}"
+        detail = f"{made.model}, checkpoint {ckpt.name}, {len(made.image_ids)} image(s) ({images})"
+        if made.calibrate is not None:
+            detail += f", W{made.w_bits}A{made.a_bits}"
         if changed:
             detail += "; changed since: " + ", ".join(changed)
         if unread:
@@ -131,5 +131,8 @@ def _blocks_done(run: Path, stage: str) -> str:
     done = sorted(blocks.glob("*.safetensors")) if blocks.is_dir() else []
     if not done:
         return ""
-    total = read_header(done[0]).config.get("total_blocks")
+    try:
+        total = stage_record(read_header(done[0]), done[0]).total_blocks
+    except AphqError:  # a damaged part is redone on resume; the count of parts is still worth showing
+        total = None
     return f"{len(done)} of {total or '?'} blocks done"

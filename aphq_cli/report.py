@@ -18,6 +18,7 @@ import matplotlib.pyplot as plt
 
 from aphq_cli.artifacts import atomic_write_bytes, read_header, sha256_file
 from aphq_cli.errors import AphqError
+from aphq_cli.headers import StageRecord
 from aphq_cli.evalrecords import eval_record_path, read_eval_record
 from aphq_cli.runs import stage_path
 
@@ -53,11 +54,11 @@ def collect(run: Path) -> RunReport:
         for path in sorted((run / folder / "blocks").glob("*.safetensors")):
             try:
                 head = read_header(path)
+                made = StageRecord.from_dict(head.config, path, provenance=False) if head.stage == kind else None
             except AphqError:
-                continue  # a torn or foreign file: resume would redo it; nothing to draw
-            if head.stage == kind and head.config.get("losses"):
-                name = head.config.get("unit") or head.config.get("block") or path.stem
-                rows.append((name, [float(v) for v in head.config["losses"]]))
+                continue  # a torn, foreign or malformed file: resume would redo it; nothing to draw
+            if made is not None and made.losses:
+                rows.append((made.unit or made.block or path.stem, [float(v) for v in made.losses]))
         if rows:
             report.losses[stage] = rows
     for name in EVAL_ORDER:

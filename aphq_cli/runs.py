@@ -19,11 +19,13 @@ from typing import Iterator
 import torch
 
 from aphq_cli import distributed
-from aphq_cli.artifacts import atomic_write_bytes, load_artifact, read_header, sha256_file, sha256_json
+from aphq_cli.artifacts import (atomic_write_bytes, load_artifact, read_header, remove_stale_temps, sha256_file,
+                                sha256_json)
 from aphq_cli.data.coco import build_dataset, build_loader, calibration_dataset, fingerprint_dataset, to_device
 from aphq_cli.data.synth import default_cache_root
 from aphq_cli.devices import resolve_device
 from aphq_cli.errors import AphqError
+from aphq_cli.headers import stage_record
 from aphq_cli.models.plan import detector_plan
 from aphq_cli.models.surgery import apply_mlp_recon
 from aphq_cli.models.zoo import CONFIG_DIR, builtin_models, default_data_dir, load_config, load_model, resolve_model
@@ -47,7 +49,22 @@ def prepare_run(run: Path) -> Path:
     probe.unlink()
     if _SCOPES:
         _SCOPES[-1].enter_context(run_lock(run))
+        # The folder is ours now: what killed writers left in it goes (their temp files).
+        remove_stale_temps(run, recursive=True)
     return run
+
+
+def can_write(folder: Path) -> bool:
+    """Whether a file can be written into ``folder`` (created if need be), found by writing one.
+
+    A permission bit says nothing for root or on a read-only mount; a write does.
+    """
+    try:
+        probe = atomic_write_bytes(Path(folder) / f".aphq-write-check-{os.getpid()}", b"")
+        probe.unlink()
+    except (AphqError, OSError):
+        return False
+    return True
 
 
 LOCK_NAME = ".aphq.lock"
@@ -113,6 +130,18 @@ def stage_path(run: Path, stage: str) -> Path:
     return Path(run) / f"{stage.replace('-', '_')}.safetensors"
 
 
+def read_stage(run: Path, stage: str):
+    """The header of ``run``'s artifact of ``stage`` and its typed record, checked to be that stage's.
+
+    Returns:
+        ``(header, record)``: an :class:`~aphq_cli.artifacts.ArtifactHeader` and
+        a :class:`~aphq_cli.headers.StageRecord`.
+    """
+    path = stage_path(run, stage)
+    header = read_header(path)
+    return header, stage_record(header, path, expect=stage)
+
+
 def upstream_changes(run: Path, stage: str, header) -> list[str]:
     """The earlier stages' artifacts that differ from those ``stage``'s artifact was made from.
 
@@ -126,10 +155,17 @@ def upstream_changes(run: Path, stage: str, header) -> list[str]:
         calib = stage_path(run, "calibrate")
         if not calib.is_file() or sha256_file(calib) != header.inputs.get("calibrate"):
             changed.append("calibrate artifact")
-    mlp = header.config.get("mlp_recon_artifact")
+    mlp = stage_record(header, stage_path(run, stage)).mlp_recon_artifact
     if mlp and (not Path(mlp).is_file() or sha256_file(mlp) != header.inputs.get("mlp_recon")):
         changed.append("mlp-recon artifact")
     return changed
+
+
+def same_model(named: str, recorded: str) -> bool:
+    """Whether a ``--model`` value names the model an artifact records (a built-in name or a config path)."""
+    if named in builtin_models() or recorded in builtin_models():
+        return named == recorded
+    return Path(named).resolve() == Path(recorded).resolve()
 
 
 def check_recorded_model(model: str, trusted: bool | str | Path | None) -> None:
@@ -258,10 +294,10 @@ class ModelSource:
             path = stage_path(run, stage)
             if not path.is_file():
                 continue
-            header = read_header(path)
+            header, made = read_stage(run, stage)
             for key, value in mine.items():
-                if header.config.get(key) != value:
-                    raise AphqError(f"{path} was made from {key} {header.config.get(key) or '(config default)'}, "
+                if getattr(made, key) != value:
+                    raise AphqError(f"{path} was made from {key} {getattr(made, key) or '(config default)'}, "
                                     f"not {value or '(config default)'}; use another --run folder")
             checkpoint = checkpoint or sha256_file(self.checkpoint)
             if header.inputs.get("checkpoint") != checkpoint:
@@ -316,19 +352,6 @@ def aph_cache(source: ModelSource, dataset, delta: float):
     return TensorCache(default_cache_root() / "aph" / key, dtype=torch.float16)
 
 
-def image_protocol(config: dict) -> str:
-    """Which images a stage header's pipeline used: ``train``, ``val``, or e.g. ``calibrate val, reconstruct train``.
-
-    Headers written before the protocol was recorded used the training split.
-    """
-    used = {stage: config[stage].get("calib_split", "train")
-            for stage in ("mlp_recon", "calibrate", "reconstruct") if isinstance(config.get(stage), dict)}
-    kinds = set(used.values()) or {config.get("calib_split", "train")}
-    if len(kinds) == 1:
-        return kinds.pop()
-    return ", ".join(f"{stage.replace('_', '-')} {kind}" for stage, kind in used.items())
-
-
 def newest_stage(run: Path) -> str:
     """The latest pipeline stage whose artifact exists in ``run``."""
     if not Path(run).is_dir():
@@ -365,20 +388,44 @@ def quantized_tensors(detector, params_before: dict[str, torch.Tensor]) -> dict[
     return tensors
 
 
-def saved_plan(detector: torch.nn.Module, config: dict, w_bits: int, a_bits: int, path: Path):
-    """The plan an artifact's header records (its ``quantization_map``), checked against the model.
+def saved_plan(detector: torch.nn.Module, record, path: Path):
+    """The plan an artifact's record (stage or export) holds in its ``quantization_map``, checked against the model.
 
-    An artifact written before the map was recorded (it has no
-    ``quantization_map``) gets the model's plan at its ``w_bits``/``a_bits``,
-    which is what those versions built.
+    An artifact written before the map was recorded (it has none) gets the
+    model's plan at its ``w_bits``/``a_bits``, which is what those versions built.
     """
-    plan = detector_plan(detector, w_bits, a_bits)
-    if "quantization_map" not in config:
+    plan = detector_plan(detector, record.w_bits, record.a_bits)
+    if record.quantization_map is None:
         return plan
     try:
-        return plan_from_map(config["quantization_map"], set(plan.layers))
+        return plan_from_map(record.quantization_map, set(plan.layers))
     except ValueError as err:
         raise AphqError(f"{path} cannot be rebuilt: {err}; rerun the stage that wrote it") from err
+
+
+def recorded_source(path: Path, header, *, trust_checkpoint: bool = False,
+                    trust_config: bool | str | Path | None = None) -> ModelSource:
+    """The model source a stage artifact's header records, checked before anything is built from it.
+
+    Its model config is read only as :func:`check_recorded_model` allows, and
+    its checkpoint must still have the fingerprint it had when the stage ran.
+    """
+    made = stage_record(header, path, expect=header.stage)
+    check_recorded_model(made.model, trust_config)
+    source = ModelSource.open(made.model, Path(made.checkpoint), Path(made.data) if made.data else None,
+                              trust_checkpoint=trust_checkpoint)
+    if sha256_file(source.checkpoint) != header.inputs["checkpoint"]:
+        raise AphqError(f"checkpoint {source.checkpoint} changed since {path} was made; rerun the stage")
+    return source
+
+
+def check_fresh(run: Path, stage: str, header) -> None:
+    """Refuse a stage artifact whose upstream artifacts changed since it was made (:func:`upstream_changes`)."""
+    stale = upstream_changes(run, stage, header)
+    if stale:
+        earlier = "calibrate" if "calibrate artifact" in stale else "mlp-recon"
+        raise AphqError(f"{stage_path(run, stage)} is stale: the {' and '.join(stale)} it was made from changed or "
+                        f"is gone; rerun `aphq {stage} --run {run}`, or name an earlier stage with --stage {earlier}")
 
 
 def load_stage(run: Path, stage: str | None = None, device="cpu", *, trust_checkpoint: bool = False,
@@ -399,28 +446,19 @@ def load_stage(run: Path, stage: str | None = None, device="cpu", *, trust_check
     if stage not in STAGES:
         raise AphqError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
     path = stage_path(run, stage)
-    header = read_header(path)
-    config = header.config
-    check_recorded_model(config["model"], trust_config)
-    source = ModelSource.open(config["model"], Path(config["checkpoint"]), Path(config["data"]) if config["data"]
-                              else None, trust_checkpoint=trust_checkpoint)
-    if sha256_file(source.checkpoint) != header.inputs["checkpoint"]:
-        raise AphqError(f"checkpoint {source.checkpoint} changed since {path} was made; rerun the stage")
+    source = recorded_source(path, read_stage(run, stage)[0], trust_checkpoint=trust_checkpoint,
+                             trust_config=trust_config)
     tensors, header = load_artifact(path, stage=stage)
     if stage == "mlp-recon":
         return source.build(device, mlp_recon=path), source, header
-    stale = upstream_changes(run, stage, header)
-    if stale:
-        earlier = "calibrate" if "calibrate artifact" in stale else "mlp-recon"
-        raise AphqError(f"{path} is stale: the {' and '.join(stale)} it was made from changed or is gone; "
-                        f"rerun `aphq {stage} --run {run}`, or name an earlier stage with --stage {earlier}")
-    mlp = config.get("mlp_recon_artifact")
+    check_fresh(run, stage, header)
+    made = stage_record(header, path)
+    mlp = made.mlp_recon_artifact
     detector = source.build(device, mlp_recon=Path(mlp) if mlp else None)
-    bits = config["calibrate"]
-    apply_plan(detector, saved_plan(detector, config, bits["w_bits"], bits["a_bits"], path))
+    apply_plan(detector, saved_plan(detector, made, path))
     apply_params(detector, {k[len("param:"):]: v for k, v in tensors.items() if k.startswith("param:")})
     try:
         load_quant_state(detector, {k[len("quant:"):]: v for k, v in tensors.items() if k.startswith("quant:")})
     except KeyError as err:
-        raise AphqError(f"{path} does not match model {config['model']}: no quantizer state for {err}") from err
+        raise AphqError(f"{path} does not match model {made.model}: no quantizer state for {err}") from err
     return detector.to(device), source, header

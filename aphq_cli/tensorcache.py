@@ -3,7 +3,10 @@
 One safetensors file per (entry, image): a stage writes an image's tensors
 once and reads them back one image at a time during its iterations. Files are
 written atomically, so a killed writer never leaves a torn entry; an entry is
-complete when its ``DONE`` marker exists.
+complete when its ``DONE`` marker exists and names the cache's key: the
+fingerprint of every input and setting its tensors follow from. An entry left
+by a run with other settings (an earlier, killed run in the same folder) is
+therefore never taken as complete: it is filled again.
 """
 
 from __future__ import annotations
@@ -26,11 +29,14 @@ class TensorCache:
         root: the cache folder.
         dtype: floating tensors are stored in this dtype (float16 halves the
             disk for APH weights) and read back as float32.
+        key: what the entries are made from (a digest of the stage's inputs and
+            settings); an entry finished under another key is incomplete.
     """
 
-    def __init__(self, root: Path, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, root: Path, dtype: torch.dtype = torch.float32, key: str = "") -> None:
         self.root = Path(root)
         self.dtype = dtype
+        self.key = key
 
     def _file(self, entry: str, index: int) -> Path:
         return self.root / entry / f"{index:06d}.safetensors"
@@ -45,12 +51,16 @@ class TensorCache:
         return {k: (v.float() if v.is_floating_point() else v).to(device) for k, v in tensors.items()}
 
     def complete(self, entry: str, count: int) -> bool:
-        """True when ``entry`` was finished with ``count`` items."""
+        """True when ``entry`` was finished with ``count`` items under this cache's key."""
         marker = self.root / entry / "DONE"
-        return marker.is_file() and json.loads(marker.read_text()).get("count") == count
+        try:
+            done = json.loads(marker.read_text())
+        except (OSError, ValueError):  # absent, or not ours: fill it again
+            return False
+        return isinstance(done, dict) and done.get("count") == count and done.get("key", "") == self.key
 
     def finish(self, entry: str, count: int) -> None:
-        atomic_write_text(self.root / entry / "DONE", json.dumps({"count": count}))
+        atomic_write_text(self.root / entry / "DONE", json.dumps({"count": count, "key": self.key}))
 
     def fill(self, entry: str, count: int, fn, progress=None) -> None:
         """``self[entry][i] = fn(i)`` for every item, unless the entry is complete already.

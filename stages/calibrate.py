@@ -10,20 +10,21 @@ rebuild the quantized model without calibrating again.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from aphq_cli.artifacts import is_current, read_header, save_artifact, sha256_file, sha256_json
+from aphq_cli.artifacts import sha256_file
 from aphq_cli.data.coco import check_calib_split
 from aphq_cli.errors import AphqError
+from aphq_cli.headers import StageRecord
 from aphq_cli.models.plan import detector_plan
 from aphq_cli.quant.calib import SearchSettings, calibrate_model
 from aphq_cli.quant.wrap import apply_plan, quantization_map
-from aphq_cli.quantconfig import stage_settings
-from aphq_cli.runs import ModelSource, prepare_run, quantized_tensors, stage_path, writes_run
-from aphq_cli.settings import resolve_settings, settings_from_dict, with_arguments
+from aphq_cli.runs import ModelSource, quantized_tensors, read_stage, stage_path, writes_run
+from aphq_cli.settings import resolve_settings, with_arguments
+from aphq_cli.stage import StageResult, StageSpec, open_stage
 
 STAGE = "calibrate"
 # 2: a folded Swin block pads with -b (float-exact); 3: interpolated percentiles; 4: conv_logits
@@ -55,6 +56,9 @@ class CalibrateConfig(SearchSettings):
 
 
 
+SPEC = StageSpec(STAGE, CalibrateConfig)
+
+
 def resolve_config(cfg, overrides: dict, file_values: dict | None = None) -> CalibrateConfig:
     """Defaults, the model config's ``aphq_defaults``, a ``--quant-config`` section, then the command line."""
     return resolve_settings(CalibrateConfig, cfg, STAGE, overrides, file_values)
@@ -65,7 +69,7 @@ def calibrate(*, model: str, run: Path, w_bits: int | None = None, a_bits: int |
               calib_images: int | None = None, calib_split: str | None = None, checkpoint: Path | None = None,
               data: Path | None = None, image_list: Path | None = None, device: str = "cpu", force: bool = False,
               trust_checkpoint: bool = False, settings: dict | None = None, quant_config: str | Path | None = None,
-              progress=None) -> tuple[Path, bool]:
+              progress=None) -> StageResult:
     """Calibrate ``model`` into ``run/calibrate.safetensors``.
 
     Args:
@@ -79,46 +83,34 @@ def calibrate(*, model: str, run: Path, w_bits: int | None = None, a_bits: int |
             ``[calibrate]`` settings sit below the explicit arguments.
         force: recompute even when the artifact is current.
         progress: optional callable ``(done, total)``.
-
-    Returns:
-        ``(artifact path, cache hit)``.
     """
-    overrides = with_arguments(settings, w_bits=w_bits, a_bits=a_bits, calib_images=calib_images,
-                               calib_split=calib_split)
-    qc_label, qc_values = stage_settings(quant_config, STAGE)
-    settings_from_dict(CalibrateConfig, qc_values | overrides, STAGE)  # fail fast, before loading anything
-    source = ModelSource.open(model, checkpoint, data, trust_checkpoint=trust_checkpoint)
-    config = resolve_config(source.cfg, overrides, qc_values)
-    if image_list is not None:
-        dataset = source.calibration_dataset(config.calib_split, image_ids=read_image_list(image_list))
-        config = settings_from_dict(CalibrateConfig, {**asdict(config), "calib_images": len(dataset)}, STAGE)
-    else:
-        dataset = source.calibration_dataset(config.calib_split, limit=config.calib_images)
-    out = stage_path(prepare_run(run), STAGE)
-    source.check_run(run)
-    if out.is_file() and not force:
-        old = read_header(out).config["calibrate"]
-        if (old["w_bits"], old["a_bits"]) != (config.w_bits, config.a_bits):
-            raise AphqError(f"{out} holds W{old['w_bits']}A{old['a_bits']}, not W{config.w_bits}A{config.a_bits}; "
-                            "use another --run folder, or --force to replace it (later stages go stale)")
+    ids = read_image_list(image_list) if image_list is not None else None
     mlp = stage_path(run, "mlp-recon")
     mlp = mlp if mlp.is_file() else None
-    if mlp is not None:  # post-ReLU fc2 inputs: zero point fixed at 0 (method.md §2)
-        config = replace(config, fc2_zero=True)
-    inputs = source.fingerprints(dataset) | {"options": _options_fingerprint(config)}
-    if mlp is not None:
-        inputs["mlp_recon"] = sha256_file(mlp)
-    if not force and is_current(out, stage=STAGE, inputs=inputs):
-        return out, True
+    overrides = with_arguments(settings, w_bits=w_bits, a_bits=a_bits, calib_split=calib_split,
+                               calib_images=len(ids) if ids else calib_images,
+                               # post-ReLU fc2 inputs: zero point fixed at 0 (method.md §2)
+                               fc2_zero=True if mlp is not None else None)
+    stage = open_stage(
+        SPEC, run=run, overrides=overrides, quant_config=quant_config, force=force,
+        source=lambda: ModelSource.open(model, checkpoint, data, trust_checkpoint=trust_checkpoint),
+        images=lambda source, config: source.calibration_dataset(
+            config.calib_split, **({"image_ids": ids} if ids else {"limit": config.calib_images})),
+        upstream=(lambda: {"mlp_recon": sha256_file(mlp)}) if mlp is not None else None)
+    config, out = stage.config, stage.out
+    if out.is_file() and not force:
+        old = read_stage(run, STAGE)[1]
+        if (old.w_bits, old.a_bits) != (config.w_bits, config.a_bits):
+            raise AphqError(f"{out} holds W{old.w_bits}A{old.a_bits}, not W{config.w_bits}A{config.a_bits}; "
+                            "use another --run folder, or --force to replace it (later stages go stale)")
+    if stage.current:
+        return stage.reused()
 
-    detector, params_before = build_calibrated(source, config, dataset, device, mlp_recon=mlp, progress=progress)
-    tensors = quantized_tensors(detector, params_before)
-    header = source.header(dataset, config.calib_split) | {
-        "calibrate": asdict(config), "mlp_recon_artifact": str(mlp.resolve()) if mlp else "", "quant_config": qc_label,
-        "quantization_map": quantization_map(detector)}
-    save_artifact(out, tensors, stage=STAGE, config=header, inputs=inputs,
-                  extra={"model": source.spec.name})
-    return out, False
+    detector, params_before = build_calibrated(stage.source, config, stage.dataset, device, mlp_recon=mlp,
+                                               progress=progress)
+    return stage.save(quantized_tensors(detector, params_before), StageRecord(
+        **stage.header(), calibrate=asdict(config), mlp_recon_artifact=str(mlp.resolve()) if mlp else "",
+        quant_config=stage.quant_config, quantization_map=quantization_map(detector)).to_dict())
 
 
 def read_image_list(path: Path) -> list[int]:
@@ -154,10 +146,6 @@ def build_calibrated(source, config: CalibrateConfig, dataset, device, mlp_recon
     calibrate_model(detector, plan, source.batches(dataset, device), config, images=len(dataset), forward=_forward,
                     progress=progress)
     return detector, params_before
-
-
-def _options_fingerprint(config: CalibrateConfig) -> str:
-    return sha256_json(asdict(config))
 
 
 def _forward(detector, batch) -> None:

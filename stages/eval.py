@@ -18,10 +18,12 @@ from aphq_cli.artifacts import atomic_write_text, sha256_file
 from aphq_cli.data.coco import build_dataset, build_loader, to_device
 from aphq_cli.devices import resolve_device
 from aphq_cli.errors import AphqError
+from aphq_cli.headers import ExportRecord, stage_record
 from aphq_cli.evalrecords import EvalResult, eval_record_path, read_eval_record, write_eval_record
 from aphq_cli.exports import load_export
 from aphq_cli.quant.wrap import keep_float as turn_off
-from aphq_cli.runs import ModelSource, check_output, image_protocol, load_stage, newest_stage, stage_path
+from aphq_cli.runs import (ModelSource, can_write, check_output, load_stage, newest_stage, read_stage, same_model,
+                           stage_path)
 
 
 # mmdetection metric suffix -> our name; values are reported in percent.
@@ -127,7 +129,10 @@ def coco_metrics(dataset, results: list) -> tuple[dict[str, float], str]:
     return percent_metrics(raw), log.getvalue()
 
 
-def evaluate(*, model: str = "tiny-mask-rcnn", checkpoint: Path | None = None, data: Path | None = None,
+DEFAULT_MODEL = "tiny-mask-rcnn"
+
+
+def evaluate(*, model: str | None = None, checkpoint: Path | None = None, data: Path | None = None,
              run: Path | None = None, stage: str | None = None, artifact: Path | None = None,
              limit: int | None = None, keep_float: list[str] | None = None, per_class: bool = False,
              device: str = "cpu", trust_checkpoint: bool = False, json_path: Path | None = None,
@@ -136,8 +141,11 @@ def evaluate(*, model: str = "tiny-mask-rcnn", checkpoint: Path | None = None, d
     """Evaluate a detector's box and mask AP on a COCO-layout split.
 
     Args:
-        model: built-in model name or mmdetection config path (float model).
+        model: built-in model name or mmdetection config path (float model;
+            ``tiny-mask-rcnn`` by default). With ``run`` it must name the
+            model the run was made with (a config path is then read).
         checkpoint: weights; a testbed model's bundled weights by default.
+            With ``run`` it must be the checkpoint the run was made from.
         data: COCO-layout folder; by default the config's ``data_root``, the
             testbed's synthetic data, or the folder a run was made with.
         run: evaluate a stage of this run folder instead of a float model.
@@ -165,23 +173,27 @@ def evaluate(*, model: str = "tiny-mask-rcnn", checkpoint: Path | None = None, d
     if json_path is not None:  # what is known before loading anything; the rest once the data is resolved
         check_output(json_path, "--json", inputs=[artifact, checkpoint], runs=[run, record_run])
     dev = resolve_device(distributed.init(device))
+    if artifact is not None and (model is not None or checkpoint is not None):
+        raise AphqError(f"--artifact {artifact} holds its own model and weights; drop --model and --checkpoint")
+    if run is not None:
+        _check_run_options(run, stage or newest_stage(run), model, checkpoint)
     if artifact is not None:
         detector, cfg, header = load_export(artifact, dev)
-        recorded = header.config["data"]
-        dataset = _test_split(cfg, data if data is not None else (Path(recorded) if recorded else None), limit)
-        label, weights = f"{header.config['model']} [export]", str(artifact)
+        made = ExportRecord.from_dict(header.config, artifact)
+        dataset = _test_split(cfg, data if data is not None else (Path(made.data) if made.data else None), limit)
+        label, weights = f"{made.model} [export]", str(artifact)
         name, made_from = "export", Path(artifact)
-        protocol = header.config.get("calib_split", "train")
+        protocol = made.calib_split or "train"
     elif run is not None:
         stage = stage or newest_stage(run)
         detector, source, header = load_stage(run, stage, dev, trust_checkpoint=trust_checkpoint,
                                              trust_config=trust_config or model)
-        protocol = image_protocol(header.config)
+        protocol = stage_record(header, stage_path(run, stage)).protocol
         dataset = _test_split(source.cfg, data if data is not None else source.data, limit)
         label, weights = f"{source.spec.name} [{stage}]", str(source.checkpoint)
         name, made_from, record_run = stage, stage_path(run, stage), run
     else:
-        source = ModelSource.open(model, checkpoint, data, trust_checkpoint=trust_checkpoint)
+        source = ModelSource.open(model or DEFAULT_MODEL, checkpoint, data, trust_checkpoint=trust_checkpoint)
         # Check the data before the (slow) model build, so a typo fails at once.
         dataset = _test_split(source.cfg, data if data is not None else source.data, limit)
         detector = source.build(dev)
@@ -198,6 +210,11 @@ def evaluate(*, model: str = "tiny-mask-rcnn", checkpoint: Path | None = None, d
         check_output(json_path, "--json", inputs=[made_from, weights, dataset.ann_file], runs=[run, record_run])
     key = {"weights": sha256_file(made_from), "annotations": sha256_file(dataset.ann_file), "images": len(dataset)}
     record = eval_record_path(record_run, name) if record_run is not None else None
+    note = ""
+    if record is not None and distributed.is_main() and not can_write(record.parent):
+        # A run folder one may read but not write (a colleague's, a read-only mount): evaluate all
+        # the same, and say that the result was not kept, rather than fail after the whole evaluation.
+        note, record = f"run folder {record_run} is not writable: this result is not recorded in it", None
     if (reuse and record is not None and (old := read_eval_record(record)) is not None and old[1] == key
             and (old[0].per_class is not None or not per_class)):
         return old[0]
@@ -209,7 +226,8 @@ def evaluate(*, model: str = "tiny-mask-rcnn", checkpoint: Path | None = None, d
 
     metrics, log, classes = distributed.broadcast(score() if distributed.is_main() else None)
     result = EvalResult(metrics, label, weights, str(Path(dataset.ann_file).parent.parent), len(dataset),
-                        round(time.perf_counter() - start, 2), log, per_class=classes, calib_split=protocol)
+                        round(time.perf_counter() - start, 2), log, per_class=classes, calib_split=protocol,
+                        note=note)
     if not distributed.is_main():
         return result
     if json_path is not None:
@@ -217,6 +235,21 @@ def evaluate(*, model: str = "tiny-mask-rcnn", checkpoint: Path | None = None, d
     if record is not None:
         write_eval_record(record, result, key)
     return result
+
+
+def _check_run_options(run: Path, stage: str, model: str | None, checkpoint: Path | None) -> None:
+    """Refuse a ``--model`` or ``--checkpoint`` that is not what the run's stage was made from.
+
+    Neither can change what a stage artifact describes, so one that differs
+    would otherwise be silently ignored.
+    """
+    header, made = read_stage(run, stage)
+    if model is not None and not same_model(model, made.model):
+        raise AphqError(f"--model {model} is not the model {stage_path(run, stage)} was made with ({made.model}); "
+                        "drop --model, or evaluate the float model without --run")
+    if checkpoint is not None and sha256_file(checkpoint) != header.inputs.get("checkpoint"):
+        raise AphqError(f"--checkpoint {checkpoint} is not the checkpoint {stage_path(run, stage)} was made from "
+                        f"({made.checkpoint}); drop --checkpoint, or evaluate it without --run")
 
 
 def _test_split(cfg, data: Path | None, limit: int | None):

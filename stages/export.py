@@ -15,14 +15,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from aphq_cli.artifacts import is_current, read_header, save_artifact, sha256_file
+from aphq_cli.artifacts import sha256_file
 from aphq_cli.errors import AphqError
 from aphq_cli.exports import EXPORT_FORMAT, weight_layers
+from aphq_cli.headers import ExportRecord
 from aphq_cli.quant.modules import quantizers
 from aphq_cli.quant.packing import pack
 from aphq_cli.quant.primitives import quantize
 from aphq_cli.quant.wrap import quantization_map
-from aphq_cli.runs import check_output, image_protocol, load_stage, newest_stage, stage_path
+from aphq_cli.runs import check_output, load_stage, newest_stage, read_stage, stage_path
+from aphq_cli.stage import StageResult, StageRun, StageSpec
 
 STAGE = "export"
 
@@ -61,44 +63,34 @@ def export_tensors(detector) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
     return tensors, manifest
 
 
+SPEC = StageSpec(STAGE)
+
+
 def export(*, run: Path, out: Path, stage: str | None = None, trust_checkpoint: bool = False,
-           force: bool = False, trust_config: bool = False) -> Path:
+           force: bool = False, trust_config: bool = False) -> StageResult:
     """Write the quantized model of ``run`` (its newest quantized stage) to ``out``.
 
     An ``out`` already exported from the same stage artifact is kept as it is
     unless ``force``.
-
-    Returns:
-        ``out``.
     """
     stage = stage or newest_stage(run)
     if stage == "mlp-recon":
         raise AphqError(f"{run} holds no quantized stage yet; run `aphq calibrate --run {run}` before exporting")
-    made_from = read_header(stage_path(run, stage)).config
-    check_output(out, "--out", inputs=[stage_path(run, stage), made_from.get("checkpoint"),
-                                       made_from.get("mlp_recon_artifact") or None], runs=[run], replaces=STAGE)
-    inputs = {"stage_artifact": sha256_file(stage_path(run, stage))}
-    if not force and is_current(out, stage=STAGE, inputs=inputs):
-        return Path(out)
-    detector, source, header = load_stage(run, stage, "cpu", trust_checkpoint=trust_checkpoint,
-                                         trust_config=trust_config)
+    header, made = read_stage(run, stage)
+    check_output(out, "--out", inputs=[stage_path(run, stage), made.checkpoint, made.mlp_recon_artifact or None],
+                 runs=[run], replaces=STAGE)
+    written = StageRun(SPEC, Path(out), {"stage_artifact": sha256_file(stage_path(run, stage))},
+                       header.extra.get("model", ""), force)
+    if written.current:
+        return written.reused()
+    detector, source, _ = load_stage(run, stage, "cpu", trust_checkpoint=trust_checkpoint,
+                                     trust_config=trust_config)
     tensors, manifest = export_tensors(detector)
-    bits = header.config["calibrate"]
     relu = sorted(n[: -len(".mlp.act")] for n, m in detector.named_modules()
                   if n.endswith(".mlp.act") and isinstance(m, nn.ReLU))
-    config = {
-        "export_format": EXPORT_FORMAT,
-        "model": header.config["model"],
-        "data": header.config["data"],
-        "source_stage": stage,
-        "calib_split": image_protocol(header.config),
-        "w_bits": bits["w_bits"],
-        "a_bits": bits["a_bits"],
-        "relu_mlp_blocks": relu,
-        "quantization_map": quantization_map(detector),
-        "mmdet_config": json.loads(json.dumps(source.cfg._cfg_dict.to_dict(), default=str)),
-        "manifest": manifest,
-    }
-    return save_artifact(out, tensors, stage=STAGE, config=config,
-                         inputs=inputs,
-                         extra={"model": header.extra.get("model", "")})
+    return written.save(tensors, ExportRecord(
+        export_format=EXPORT_FORMAT, model=made.model, data=made.data, source_stage=stage,
+        calib_split=made.protocol, w_bits=made.w_bits, a_bits=made.a_bits, relu_mlp_blocks=relu,
+        quantization_map=quantization_map(detector),
+        mmdet_config=json.loads(json.dumps(source.cfg._cfg_dict.to_dict(), default=str)),
+        manifest=manifest).to_dict())

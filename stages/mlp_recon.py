@@ -19,16 +19,17 @@ import torch
 from torch import nn
 
 from aphq_cli import distributed
-from aphq_cli.artifacts import is_current, load_artifact, save_artifact, sha256_json
+from aphq_cli.artifacts import load_if_current, save_artifact
 from aphq_cli.data.coco import check_calib_split
 from aphq_cli.errors import AphqError
+from aphq_cli.headers import StageRecord
 from aphq_cli.models.plan import RPN_TASK
 from aphq_cli.models.swin import SwinBlock
 from aphq_cli.quant.aph import ensure_block_aph
 from aphq_cli.quant.primitives import row_quantile
-from aphq_cli.quantconfig import stage_settings
-from aphq_cli.runs import ModelSource, aph_cache, prepare_run, stage_path, writes_run
-from aphq_cli.settings import resolve_settings, settings_from_dict, with_arguments
+from aphq_cli.runs import ModelSource, aph_cache, writes_run
+from aphq_cli.settings import resolve_settings, with_arguments
+from aphq_cli.stage import StageResult, StageSpec, open_stage
 from aphq_cli.tensorcache import TensorCache
 
 STAGE = "mlp-recon"
@@ -64,12 +65,18 @@ class MlpReconConfig:
         for name in ("iters", "images"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise AphqError(f"--{name} must be a positive integer, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise AphqError(f"lr must be positive, got {self.lr}")
+        for name in ("lr", "delta"):
+            if not getattr(self, name) > 0:
+                raise AphqError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.clamp_weight < 0:
+            raise AphqError(f"clamp_weight must be >= 0, got {self.clamp_weight}")
         if not 0.5 < self.pct <= 1.0:
             raise AphqError(f"pct must be in (0.5, 1], got {self.pct}")
         check_calib_split(self.calib_split)
 
+
+
+SPEC = StageSpec(STAGE, MlpReconConfig)
 
 
 def resolve_config(cfg, overrides: dict, file_values: dict | None = None) -> MlpReconConfig:
@@ -176,26 +183,20 @@ def mlp_recon(*, model: str, run: Path, iters: int | None = None, images: int | 
               calib_split: str | None = None,
               checkpoint: Path | None = None, data: Path | None = None, device: str = "cpu",
               force: bool = False, trust_checkpoint: bool = False, settings: dict | None = None,
-              quant_config: str | Path | None = None, progress=None) -> tuple[Path, bool]:
+              quant_config: str | Path | None = None, progress=None) -> StageResult:
     """Run mlp-recon into ``run/mlp_recon.safetensors``; resumable per block.
 
     Args:
         progress: optional callable ``(description, done, total)``.
-
-    Returns:
-        ``(artifact path, cache hit)``.
     """
-    overrides = with_arguments(settings, iters=iters, images=images, calib_split=calib_split)
-    qc_label, qc_values = stage_settings(quant_config, STAGE)
-    settings_from_dict(MlpReconConfig, qc_values | overrides, STAGE)  # fail fast, before loading anything
-    source = ModelSource.open(model, checkpoint, data, trust_checkpoint=trust_checkpoint)
-    config = resolve_config(source.cfg, overrides, qc_values)
-    dataset = source.calibration_dataset(config.calib_split, limit=config.images)
-    out = stage_path(prepare_run(run), STAGE)
-    source.check_run(run)
-    inputs = source.fingerprints(dataset) | {"options": sha256_json(asdict(config))}
-    if not force and is_current(out, stage=STAGE, inputs=inputs):
-        return out, True
+    stage = open_stage(
+        SPEC, run=run, overrides=with_arguments(settings, iters=iters, images=images, calib_split=calib_split),
+        quant_config=quant_config, force=force,
+        source=lambda: ModelSource.open(model, checkpoint, data, trust_checkpoint=trust_checkpoint),
+        images=lambda source, config: source.calibration_dataset(config.calib_split, limit=config.images))
+    if stage.current:
+        return stage.reused()
+    source, config, dataset, inputs = stage.source, stage.config, stage.dataset, stage.inputs
 
     report = progress or (lambda *a: None)
     device = distributed.init(device)
@@ -203,38 +204,35 @@ def mlp_recon(*, model: str, run: Path, iters: int | None = None, images: int | 
     blocks = swin_blocks(detector)
     images = source.images(dataset, device)
     block_dir = Path(run) / "mlp_recon" / "blocks"
-    io_cache = TensorCache(Path(run) / "mlp_recon" / "cache")
+    io_cache = TensorCache(Path(run) / "mlp_recon" / "cache", key=stage.cache_key)
     aph = aph_cache(source, dataset, config.delta)
-    header = source.header(dataset, config.calib_split) | {"mlp_recon": asdict(config), "quant_config": qc_label}
+    header = StageRecord(**stage.header(), mlp_recon=asdict(config), quant_config=stage.quant_config)
 
     # Under torchrun: rank 0 alone caches the MLP inputs (one float forward per image for all
     # blocks) and trains; every rank computes its share of the APH estimates.
     main = distributed.is_main()
     ub_path = Path(run) / "mlp_recon" / "ub.safetensors"
-    # The bounds and the MLP input cache are made together: an unreadable or older-format bounds file
-    # (another aphq version) is remade with them, not a dead end for every rerun.
-    if main and (force or not all(io_cache.complete(n, len(images)) for n, _ in blocks)
-                 or not is_current(ub_path, stage="mlp-recon-ub", inputs=inputs)):
+    # The bounds and the MLP input cache are made together: a damaged, older-format or stale bounds
+    # file is remade with them, not a dead end for every rerun.
+    saved = None if force or not main else load_if_current(ub_path, stage="mlp-recon-ub", inputs=inputs)
+    if main and (saved is None or not all(io_cache.complete(n, len(images)) for n, _ in blocks)):
         ubs = collect_mlp_io(detector, blocks, images, io_cache, config.pct,
                              lambda d, t: report("collect float MLP inputs", d, t))
-        save_artifact(ub_path,
-                      {f"{n}.ub": torch.tensor(v) for n, v in ubs.items()},
-                      stage="mlp-recon-ub", config=header, inputs=inputs)
+        saved = {f"{n}.ub": torch.tensor(v) for n, v in ubs.items()}
+        save_artifact(ub_path, saved, stage="mlp-recon-ub", config=header.to_dict(), inputs=inputs)
     for name, block in blocks:  # APH needs the untouched float model: all blocks first
         ensure_block_aph(detector, name, block, images, aph, RPN_TASK, config.delta,
                          lambda d, t, name=name: report(f"APH {name}", d, t))
     if not main:
-        return out, False
-    ubs = {k[: -len(".ub")]: float(v) for k, v in
-           load_artifact(ub_path, stage="mlp-recon-ub",
-                         expect_inputs=inputs)[0].items()}
+        return StageResult(stage.out, False)
+    ubs = {k[: -len(".ub")]: float(v) for k, v in saved.items()}
 
     result: dict[str, torch.Tensor] = {}
     for index, (name, block) in enumerate(blocks):
         path = block_dir / f"{index:02d}_{name.replace('.', '_')}.safetensors"
-        if not force and is_current(path, stage="mlp-recon-block", inputs=inputs):
-            tensors, _ = load_artifact(path, stage="mlp-recon-block", expect_inputs=inputs)
-        else:
+        # A finished block is reused; a damaged one (or one made from other inputs) is trained again.
+        tensors = None if force else load_if_current(path, stage="mlp-recon-block", inputs=inputs)
+        if tensors is None:
             mlp = block.mlp
             mlp.act = nn.ReLU()
             with torch.enable_grad():
@@ -242,9 +240,7 @@ def mlp_recon(*, model: str, run: Path, iters: int | None = None, images: int | 
                                      config.seed * 1000 + index, lambda d, t, name=name: report(f"train {name}", d, t))
             tensors = {f"{name}.mlp.{k}": v.detach().clone() for k, v in mlp.state_dict().items()}
             tensors[f"{name}.ub"] = torch.tensor(ubs[name])
-            save_artifact(path, tensors, stage="mlp-recon-block", config=header | {"block": name, "losses": losses,
-                                                                            "total_blocks": len(blocks)},
-                          inputs=inputs)
+            part = header.with_fields(block=name, losses=losses, total_blocks=len(blocks))
+            save_artifact(path, tensors, stage="mlp-recon-block", config=part.to_dict(), inputs=inputs)
         result.update(tensors)
-    save_artifact(out, result, stage=STAGE, config=header, inputs=inputs, extra={"model": source.spec.name})
-    return out, False
+    return stage.save(result, header.to_dict())

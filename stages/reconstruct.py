@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from aphq_cli import distributed
-from aphq_cli.artifacts import is_current, load_artifact, save_artifact, sha256_file, sha256_json
+from aphq_cli.artifacts import load_artifact, load_if_current, save_artifact, sha256_file
 from aphq_cli.data.coco import check_calib_split
 from aphq_cli.devices import resolve_device
 from aphq_cli.errors import AphqError
@@ -32,9 +32,10 @@ from aphq_cli.quant.adaround import beta_schedule, init_alpha, qdrop_mix, roundi
 from aphq_cli.quant.aph import block_fisher, ensure_block_aph
 from aphq_cli.quant.modules import QuantConv2d, QuantLinear, Quantizer
 from aphq_cli.quant.wrap import quantization_map
-from aphq_cli.quantconfig import stage_settings
-from aphq_cli.runs import aph_cache, load_stage, prepare_run, quantized_tensors, stage_path, writes_run
-from aphq_cli.settings import resolve_settings, settings_from_dict, with_arguments
+from aphq_cli.runs import (aph_cache, check_fresh, load_stage, quantized_tensors, read_stage, recorded_source,
+                           stage_path, writes_run)
+from aphq_cli.settings import resolve_settings, with_arguments
+from aphq_cli.stage import StageResult, StageSpec, open_stage
 from aphq_cli.tensorcache import TensorCache
 
 STAGE = "reconstruct"
@@ -72,9 +73,17 @@ class ReconstructConfig:
         for name in ("drop_prob", "quant_ratio", "warmup"):
             if not 0 <= getattr(self, name) <= 1:
                 raise AphqError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("w_lr", "a_lr", "delta"):
+            if not getattr(self, name) > 0:
+                raise AphqError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.reg_weight < 0:
+            raise AphqError(f"reg_weight must be >= 0, got {self.reg_weight}")
         check_calib_split(self.calib_split)
         if self.qdrop_scope not in QDROP_SCOPES:
             raise AphqError(f"qdrop_scope must be one of {', '.join(QDROP_SCOPES)}, got {self.qdrop_scope!r}")
+
+
+SPEC = StageSpec(STAGE, ReconstructConfig)
 
 
 def resolve_config(cfg, overrides: dict, file_values: dict | None = None) -> ReconstructConfig:
@@ -308,34 +317,44 @@ def reconstruct(*, run: Path, loss: str | None = None, iters: int | None = None,
                 calib_split: str | None = None,
                 device: str = "cpu", force: bool = False, trust_checkpoint: bool = False,
                 settings: dict | None = None, quant_config: str | Path | None = None,
-                trust_config: bool = False, progress=None) -> tuple[Path, bool]:
+                trust_config: bool = False, progress=None) -> StageResult:
     """Reconstruct the calibrated model of ``run`` into ``run/reconstruct.safetensors``.
 
     Args:
         trust_config: read the model config file the run's header names (it is Python).
         progress: optional callable ``(description, done, total)``.
-
-    Returns:
-        ``(artifact path, cache hit)``.
     """
-    overrides = with_arguments(settings, loss=loss, iters=iters, images=images, calib_split=calib_split)
-    qc_label, qc_values = stage_settings(quant_config, STAGE)
-    settings_from_dict(ReconstructConfig, qc_values | overrides, STAGE)
     calib_path = stage_path(run, "calibrate")
-    if not calib_path.is_file():
-        raise AphqError(f"{calib_path} does not exist; run `aphq calibrate --run {run}` first")
+
+    def calibrated():
+        """The calibrate artifact reconstruct starts from (read once the settings are checked)."""
+        if not calib_path.is_file():
+            raise AphqError(f"{calib_path} does not exist; run `aphq calibrate --run {run}` first")
+        header, made = read_stage(run, "calibrate")
+        check_fresh(run, "calibrate", header)
+        return header, made
+
+    def upstream() -> dict[str, str]:
+        # The calibrate artifact, and the mlp-recon artifact it records (the same fingerprint, or a
+        # second run would never be a cache hit).
+        header, made = calibrated()
+        return {"calibrate": sha256_file(calib_path)} | (
+            {"mlp_recon": header.inputs["mlp_recon"]} if made.mlp_recon_artifact else {})
+
     dev = resolve_device(distributed.init(device))
-    detector, source, calib = load_stage(run, "calibrate", dev, trust_checkpoint=trust_checkpoint,
-                                            trust_config=trust_config)
-    config = resolve_config(source.cfg, overrides, qc_values)
-    dataset = source.calibration_dataset(config.calib_split, limit=config.images)
-    out = stage_path(prepare_run(run), STAGE)
-    inputs = source.fingerprints(dataset) | {"options": sha256_json(asdict(config)), "calibrate": sha256_file(calib_path)}
-    mlp = calib.config.get("mlp_recon_artifact") or None
-    if mlp:  # the same inputs the artifact records, or a second run would never be a cache hit
-        inputs = inputs | {"mlp_recon": calib.inputs["mlp_recon"]}
-    if not force and is_current(out, stage=STAGE, inputs=inputs):
-        return out, True
+    stage = open_stage(
+        SPEC, run=run, overrides=with_arguments(settings, loss=loss, iters=iters, images=images,
+                                                calib_split=calib_split),
+        quant_config=quant_config, force=force, upstream=upstream,
+        source=lambda: recorded_source(calib_path, calibrated()[0], trust_checkpoint=trust_checkpoint,
+                                       trust_config=trust_config),
+        images=lambda source, config: source.calibration_dataset(config.calib_split, limit=config.images))
+    made = calibrated()[1]
+    if stage.current:
+        return stage.reused()
+    source, config, dataset, inputs = stage.source, stage.config, stage.dataset, stage.inputs
+    detector, _, _ = load_stage(run, "calibrate", dev, trust_checkpoint=trust_checkpoint,
+                                    trust_config=trust_config)
 
     report = progress or (lambda *a: None)
     # The teacher is the original float model (GELU), also after mlp-recon, as in the
@@ -343,7 +362,8 @@ def reconstruct(*, run: Path, loss: str | None = None, iters: int | None = None,
     # win back what the GELU -> ReLU swap cost. The quantized model keeps the ReLU MLPs.
     fp = source.build(dev)
     before = {k: v.clone() for k, v in fp.state_dict().items()}
-    cache = TensorCache(Path(run) / "reconstruct" / "cache")
+    # Entries of an earlier run with other settings or another calibrate artifact are refilled.
+    cache = TensorCache(Path(run) / "reconstruct" / "cache", key=stage.cache_key)
     main = distributed.is_main()
     if force and main:
         cache.drop("")
@@ -351,39 +371,40 @@ def reconstruct(*, run: Path, loss: str | None = None, iters: int | None = None,
     caches = UnitCaches(cache, source.images(dataset, dev), dev)
     aph = aph_cache(source, dataset, config.delta)  # the same estimates mlp-recon uses
     # The calibrate settings (bit-widths) carry over; images are reconstruct's own.
-    header = calib.config | source.header(dataset, config.calib_split) | {"reconstruct": asdict(config),
-                                                      "reconstruct_quant_config": qc_label}
+    header = made.with_fields(**stage.header(), reconstruct=asdict(config),
+                              reconstruct_quant_config=stage.quant_config)
     blocks = Path(run) / "reconstruct" / "blocks"
     units = units_of(detector) if config.loss != "none" else []
     for k, (name, unit) in enumerate(units):
         caches.prepare(k, name, unit, fp.get_submodule(name), detector, fp, units[k - 1][1] if k else None, report)
         path = blocks / f"{k:02d}_{name.replace('.', '_')}.safetensors"
-        # Rank 0 decides, so every rank takes the same branch (and meets the same barriers).
-        finished = distributed.broadcast(not force and is_current(path, stage="reconstruct-unit", inputs=inputs))
+        # Rank 0 decides, so every rank takes the same branch (and meets the same barriers). A finished
+        # unit whose file is damaged, or was made from other inputs, is reconstructed again.
+        saved = None if force or not main else load_if_current(path, stage="reconstruct-unit", inputs=inputs)
+        finished = distributed.broadcast(saved is not None)
         if not finished:
             weights = _loss_weights(config.loss, k, name, unit, detector, fp, caches, aph, config.delta, report)
             if main:  # the optimization itself runs on one rank; the others wait for its result
                 label = f"unit {k + 1}/{len(units)} {name}"
                 losses = reconstruct_unit(unit, caches, k, weights, config, config.seed * 1000 + k,
                                           lambda s, t, value: report(label, s, t))
+                part = header.with_fields(unit=name, losses=losses, total_blocks=len(units))
                 save_artifact(path, {f"{name}.{key}": v.detach().clone() for key, v in unit.state_dict().items()},
-                              stage="reconstruct-unit", config=header | {"unit": name, "losses": losses,
-                                                                           "total_blocks": len(units)},
-                              inputs=inputs)
+                              stage="reconstruct-unit", config=part.to_dict(), inputs=inputs)
             distributed.barrier()
+        if not main:
+            saved = load_artifact(path, stage="reconstruct-unit", expect_inputs=inputs)[0]
         if finished or not main:
-            _load_unit(unit, name, load_artifact(path, stage="reconstruct-unit", expect_inputs=inputs)[0])
+            _load_unit(unit, name, saved)
         distributed.barrier()  # nobody still reads what release() deletes
         if k > 0 and main:
             caches.release(k - 1)
     distributed.barrier()
     if not main:
-        return out, False
+        return StageResult(stage.out, False)
     cache.drop("")
-    header["quantization_map"] = quantization_map(detector)
-    save_artifact(out, quantized_tensors(detector, before), stage=STAGE, config=header, inputs=inputs,
-                  extra={"model": source.spec.name})
-    return out, False
+    return stage.save(quantized_tensors(detector, before),
+                      header.with_fields(quantization_map=quantization_map(detector)).to_dict())
 
 
 def _load_unit(unit: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> None:

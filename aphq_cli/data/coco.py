@@ -17,6 +17,7 @@ from typing import Iterable, Literal
 
 import torch
 from mmcv.parallel import DataContainer
+from PIL import Image, UnidentifiedImageError
 from mmdet.datasets import build_dataloader, build_dataset as mmdet_build
 
 from aphq_cli.errors import AphqError
@@ -66,12 +67,13 @@ def dataset_config(cfg, split: Split, data_dir: Path | None) -> dict:
 
 
 def build_dataset(cfg, split: Split = "test", data_dir: Path | None = None,
-                  limit: int | None = None, image_ids: Iterable[int] | None = None):
+                  limit: int | None = None, image_ids: Iterable[int] | None = None, check_files: bool = True):
     """Build an mmdetection ``CocoDataset`` for ``split``, optionally restricted.
 
     Args:
         limit: keep only the first ``limit`` images (in annotation-file order).
         image_ids: keep only these image ids, in this order.
+        check_files: check every kept image file up front (:func:`check_images`).
     """
     split_cfg = dataset_config(cfg, split, data_dir)
     try:
@@ -93,7 +95,50 @@ def build_dataset(cfg, split: Split = "test", data_dir: Path | None = None,
         _restrict(dataset, list(range(min(limit, len(dataset)))))
     if len(dataset) == 0:
         raise AphqError(f"dataset {split_cfg['ann_file']} has no images")
+    dataset.pipeline = NamedFailures(dataset.pipeline)
+    if check_files:
+        check_images(dataset)
     return dataset
+
+
+def check_images(dataset) -> None:
+    """Refuse a dataset with a missing, empty or unreadable image, or one of another size than declared.
+
+    Only each file's header is read (milliseconds an image), so a bad file is
+    named before the first image is processed, not after hours of work.
+    An image whose header reads but whose pixels do not decode is named when
+    it is loaded (:class:`NamedFailures`).
+    """
+    for info in dataset.data_infos:
+        path = Path(dataset.img_prefix or "") / info["filename"]
+        try:
+            with Image.open(path) as image:
+                size = image.size
+        except FileNotFoundError:
+            raise AphqError(f"image {path} listed in {dataset.ann_file} does not exist") from None
+        except (UnidentifiedImageError, OSError) as err:
+            empty = path.is_file() and path.stat().st_size == 0
+            raise AphqError(f"image {path} is {'empty' if empty else 'not a readable image file'}") from err
+        declared = (info.get("width"), info.get("height"))
+        if size != declared:
+            raise AphqError(f"image {path} is {size[0]}x{size[1]} pixels, but {dataset.ann_file} declares "
+                            f"{declared[0]}x{declared[1]}")
+
+
+class NamedFailures:
+    """A dataset pipeline whose failure on an image is one error naming that image's file."""
+
+    def __init__(self, pipeline) -> None:
+        self.pipeline = pipeline
+
+    def __call__(self, results: dict):
+        try:
+            return self.pipeline(results)
+        except AphqError:
+            raise
+        except Exception as err:  # noqa: BLE001 - any failure here is this image's; the message keeps its cause
+            name = Path(results.get("img_prefix") or "") / results.get("img_info", {}).get("filename", "?")
+            raise AphqError(f"image {name} could not be loaded ({type(err).__name__}: {err})") from err
 
 
 # Where calibration and reconstruction images come from (method.md, "Calibration and
@@ -120,7 +165,7 @@ def calibration_dataset(cfg, protocol: str, data_dir: Path | None = None, limit:
     check_calib_split(protocol)
     if protocol == "train":
         return build_dataset(cfg, "calib", data_dir, limit=limit, image_ids=image_ids)
-    dataset = build_dataset(cfg, "test", data_dir, image_ids=image_ids)
+    dataset = build_dataset(cfg, "test", data_dir, image_ids=image_ids, check_files=False)
     if image_ids is None:
         cats = set(dataset.cat_ids)
         annotated = {a["image_id"] for a in dataset.coco.anns.values() if a["category_id"] in cats}
@@ -129,6 +174,7 @@ def calibration_dataset(cfg, protocol: str, data_dir: Path | None = None, limit:
         _restrict(dataset, list(range(min(limit, len(dataset)))))
     if len(dataset) == 0:
         raise AphqError(f"dataset {dataset.ann_file} has no annotated images")
+    check_images(dataset)
     return dataset
 
 

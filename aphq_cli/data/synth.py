@@ -54,6 +54,7 @@ from shapely import affinity
 from shapely.geometry import MultiPolygon, Point, Polygon, box
 from shapely.geometry.base import BaseGeometry
 
+from aphq_cli.artifacts import process_alive
 from aphq_cli.errors import AphqError
 
 VERSION = 3
@@ -797,7 +798,11 @@ def generate(
 
     if progress is not None:
         progress(0, total)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    sweep_partial(out_dir)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=_partial_prefix(out_dir) + f"{os.getpid()}-", dir=out_dir.parent))
+    except OSError as err:
+        raise AphqError(f"cannot write the synthetic dataset next to {out_dir}: {err.strerror}") from err
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the dataset is not
         (tmp / "annotations").mkdir()
@@ -814,10 +819,38 @@ def generate(
                 shutil.rmtree(tmp, ignore_errors=True)
                 return out_dir
             raise
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError):  # a full disk, a quota, a folder gone read-only
+            raise AphqError(f"could not write the synthetic dataset to {out_dir}: "
+                            f"{err.strerror or err}; nothing was left behind") from err
         raise
     return out_dir
+
+
+def _partial_prefix(out_dir: Path) -> str:
+    return f".{out_dir.name}.partial-"
+
+
+def sweep_partial(out_dir: Path) -> list[Path]:
+    """Remove the half-written copies of ``out_dir`` that killed generators left beside it.
+
+    A generator writes into ``.<name>.partial-<pid>-<random>`` and renames it
+    into place at the end; SIGKILL leaves the folder behind. One whose process
+    is gone is removed; a live generator's (another process making the same
+    dataset right now) is left alone.
+    """
+    removed = []
+    parent = Path(out_dir).parent
+    if not parent.is_dir():
+        return removed
+    for path in parent.glob(_partial_prefix(Path(out_dir)) + "*"):
+        pid = path.name[len(_partial_prefix(Path(out_dir))):].split("-", 1)[0]
+        if path.is_dir() and not (pid.isdigit() and process_alive(int(pid))):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
 
 
 def default_cache_root() -> Path:

@@ -173,6 +173,11 @@ def load_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source:
     if wrong:
         raise AphqError(f"checkpoint {source} does not fit the model: {len(wrong)} tensor(s) of another "
                         f"shape (checkpoint vs model), such as {_listing(wrong)}")
+    # A NaN or Inf weight gives 0 AP (or a crash deep in calibration) much later; name it now.
+    broken = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:
+        raise AphqError(f"checkpoint {source} holds NaN or infinite values in {len(broken)} tensor(s), "
+                        f"such as {_listing(broken)}")
     model.load_state_dict(state, strict=True)
 
 

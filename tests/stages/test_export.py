@@ -19,7 +19,7 @@ def exported(tmp_path_factory, synth_dir, random_tiny_checkpoint):
     calibrate(model="tiny-mask-rcnn", run=root / "run", checkpoint=random_tiny_checkpoint, data=synth_dir,
               calib_images=1, w_bits=4, a_bits=4,
               settings={"eq_n": 16, "matmul_eq_n": 4, "search_round": 1, "max_windows": 8})
-    return root / "run", export(run=root / "run", out=root / "model.safetensors")
+    return root / "run", export(run=root / "run", out=root / "model.safetensors").path
 
 
 def test_reload_gives_identical_predictions(exported):
