@@ -7,6 +7,7 @@ tampering, torn writes, checkpoint layouts) live beside their modules.
 import errno
 import os
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -25,10 +26,14 @@ FAST = ["--calib-images", "1"]
 FAST_SETTINGS = {"eq_n": 16, "matmul_eq_n": 4, "search_round": 1, "max_windows": 8}
 
 
+# A progress bar's line: its bar, or (a bar not yet drawn) its count and times.
+_PROGRESS = re.compile(r"━|\s\d+/\d+\s+\d+:\d\d:\d\d")
+
+
 def _one_sentence(result, *fragments):
     assert result.exit_code != 0, result.output
     # Progress bars of work done before the failure may precede the error; nothing else may.
-    lines = [line for line in result.output.splitlines() if line.strip() and "━" not in line]
+    lines = [line for line in result.output.splitlines() if line.strip() and not _PROGRESS.search(line)]
     assert len(lines) == 1 and lines[0].startswith("error:"), result.output
     text = " ".join(result.output.split())
     for fragment in fragments:
@@ -203,7 +208,10 @@ def test_disk_full_during_a_stage_write(setup, tmp_path, monkeypatch, fail_in):
     assert _snapshot(run) == before  # the previous calibrate.safetensors, byte for byte, and no temp files
 
 
-def test_ctrl_c_keeps_finished_blocks_and_the_rerun_resumes(setup, tmp_path):
+@pytest.mark.parametrize("stop, code, how", [(signal.SIGINT, 130, "Ctrl-C"),
+                                             # #22 item 7: a scheduler's or kill's SIGTERM, handled alike
+                                             (signal.SIGTERM, 143, "SIGTERM")])
+def test_ctrl_c_keeps_finished_blocks_and_the_rerun_resumes(setup, tmp_path, stop, code, how):
     run = _copy_run(setup, tmp_path)
     blocks = run / "reconstruct" / "blocks"
     env = dict(os.environ, APHQ_CACHE=str(tmp_path / "cache"))
@@ -216,10 +224,10 @@ def test_ctrl_c_keeps_finished_blocks_and_the_rerun_resumes(setup, tmp_path):
     deadline = time.time() + 240
     while time.time() < deadline and len(list(blocks.glob("*.safetensors"))) < 3 and child.poll() is None:
         time.sleep(0.02)
-    child.send_signal(signal.SIGINT)
+    child.send_signal(stop)
     out, err = child.communicate(timeout=120)
-    assert child.returncode == 130, err
-    assert "interrupted" in err and "Traceback" not in err
+    assert child.returncode == code, err
+    assert f"interrupted: stopped by {how}" in err and "Traceback" not in err
     kept = {p: (p.stat().st_mtime_ns, sha256_file(p)) for p in blocks.glob("*.safetensors")}
     assert 3 <= len(kept) < 13, "the interrupt should land midway"
     for path in kept:
@@ -370,3 +378,256 @@ def test_one_writer_per_run_folder(setup, tmp_path):
     # Killed, its lock is gone with it: the next writer runs.
     result = CliRunner().invoke(app, ["reconstruct", "--run", str(run), "--loss", "none"])
     assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("setting, message", [
+    ('eq_n = "abc"', "calibrate setting eq_n must be an integer, got 'abc'"),
+    ('reparam = "no"', "calibrate setting reparam must be true or false, got 'no'"),
+    ("pct = 2.0", "pct must be in (0.5, 1], got 2.0"),
+])
+def test_quant_config_values_of_the_wrong_type_or_range(setup, tmp_path, setting, message):
+    """#22 item 7: every value of a --quant-config file is checked when read; nothing is written."""
+    qc = tmp_path / "bad.toml"
+    qc.write_text(f"[calibrate]\n{setting}\n")
+    run = tmp_path / "fresh"
+    _one_sentence(CliRunner().invoke(app, ["calibrate", "--run", str(run), "--quant-config", str(qc),
+                                           "--data", str(setup[3]), "--checkpoint", str(setup[2])]), message)
+    assert not run.exists()
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("w_lr = -0.001", "w_lr must be positive, got -0.001"),
+    ('loss = 3', "reconstruct setting loss must be a string, got 3"),
+])
+def test_reconstruct_settings_of_the_wrong_type_or_range(setup, tmp_path, setting, message):
+    run = _copy_run(setup, tmp_path)
+    qc = tmp_path / "bad.toml"
+    qc.write_text(f"[reconstruct]\n{setting}\n")
+    before = _snapshot(run)
+    _one_sentence(CliRunner().invoke(app, ["reconstruct", "--run", str(run), "--quant-config", str(qc)]), message)
+    assert _snapshot(run) == before
+
+
+def test_a_header_of_valid_json_but_the_wrong_structure(setup, tmp_path):
+    """#22 item 7: a header whose digest matches but whose fields have the wrong types: one sentence, everywhere."""
+    from aphq_cli.artifacts import save_artifact
+    from aphq_cli.inspect import run_status
+
+    run = _copy_run(setup, tmp_path)
+    path = run / "calibrate.safetensors"
+    tensors, header = load_artifact(path)
+    # Rewritten through the writer, so the digests match and only the structure is wrong.
+    save_artifact(path, tensors, stage=header.stage, config=dict(header.config, image_ids="all"),
+                  inputs=header.inputs, extra=header.extra)
+    before = _snapshot(run)
+    for args in (["eval", "--run", str(run), "--limit", "1"], ["export", "--run", str(run), "--out",
+                 str(tmp_path / "x.safetensors")], ["reconstruct", "--run", str(run)]):
+        _one_sentence(CliRunner().invoke(app, args), "malformed aphq header", "'image_ids' is str")
+    assert {s.stage: s for s in run_status(run)}["calibrate"].detail.startswith("damaged:")
+    assert _snapshot(run) == before
+
+
+def _dead_pid() -> int:
+    """The id of a process that has exited (and been reaped)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def _tensors(path):
+    return load_artifact(path)[0]
+
+
+def test_a_cache_left_by_a_run_with_other_settings_is_refilled(setup, tmp_path):
+    """#22 item 1 (cache entries): a killed reconstruct's unit caches never feed a rerun with other settings."""
+    from tests.conftest import kill_when_done
+
+    run, clean = _copy_run(setup, tmp_path), shutil.copytree(setup[1], tmp_path / "clean")
+    other = ["--loss", "mse", "--images", "2", "--iters", "2"]
+    assert CliRunner().invoke(app, ["reconstruct", "--run", str(clean), *other]).exit_code == 0
+    code = ("import sys; from aphq_cli.cli import main; sys.argv = ['aphq', 'reconstruct', '--run', "
+            f"{str(run)!r}, '--loss', 'mse', '--images', '2', '--iters', '3']; main()")
+    done = kill_when_done(code, run / "reconstruct" / "blocks", 3)
+    assert 3 <= done < 13, "the kill should land midway"
+    assert (run / "reconstruct" / "cache").is_dir()  # what the killed run left for the next
+    result = CliRunner().invoke(app, ["reconstruct", "--run", str(run), *other])
+    assert result.exit_code == 0, result.output
+    got, want = _tensors(run / "reconstruct.safetensors"), _tensors(clean / "reconstruct.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def _write_png(path, width, height):
+    from aphq_cli.data.synth import encode_png
+    import numpy as np
+
+    path.write_bytes(encode_png(np.zeros((height, width, 3), dtype=np.uint8)))
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("missing", "does not exist"),
+    ("text", "is not a readable image file"),
+    ("empty", "is empty"),
+    ("size", "is 40x30 pixels, but"),
+    ("truncated", "could not be loaded"),
+])
+def test_bad_images_are_named_before_any_work(setup, tmp_path, damage, message):
+    """#22 item 6: a missing, foreign, empty, mis-sized or undecodable image: one sentence naming the file."""
+    _, _, ckpt, synth = setup
+    data = shutil.copytree(synth, tmp_path / "data")
+    image = data / "val" / "000002.png"
+    if damage == "missing":
+        image.unlink()
+    elif damage == "text":
+        image.write_text("not an image")
+    elif damage == "empty":
+        image.write_bytes(b"")
+    elif damage == "size":
+        _write_png(image, 40, 30)
+    else:  # the header (and size) intact, the pixel data cut off
+        image.write_bytes(image.read_bytes()[:60])
+    before = _snapshot(data)
+    result = CliRunner().invoke(app, ["eval", "--checkpoint", str(ckpt), "--data", str(data), "--limit", "3"])
+    _one_sentence(result, str(image), message)
+    assert _snapshot(data) == before
+
+
+def test_a_bad_calibration_image_is_named_before_the_run_folder_is_made(setup, tmp_path):
+    _, _, ckpt, synth = setup
+    data = shutil.copytree(synth, tmp_path / "data")
+    (data / "train" / "000000.png").unlink()  # the first: the one image calibration takes
+    run = tmp_path / "run"
+    result = CliRunner().invoke(app, ["calibrate", "--run", str(run), "--checkpoint", str(ckpt), "--data", str(data),
+                                      *FAST])
+    _one_sentence(result, str(data / "train" / "000000.png"), "does not exist")
+    assert not run.exists()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_weights_that_are_not_finite_are_named(setup, tmp_path, value):
+    """#22 item 6: NaN or Inf weights: one sentence naming the tensor, not 0 AP or a traceback."""
+    from aphq_cli.models.checkpoint import read_state_dict, save_checkpoint
+
+    _, run, ckpt, synth = setup
+    state = read_state_dict(ckpt)
+    name = "backbone.layers.0.blocks.0.mlp.fc1.weight"
+    state[name] = state[name].clone()
+    state[name][0, 0] = value
+    broken = save_checkpoint(state, tmp_path / "broken.safetensors")
+    for command in (["eval", "--limit", "1"], ["calibrate", "--run", str(tmp_path / "run"), *FAST]):
+        result = CliRunner().invoke(app, [*command, "--checkpoint", str(broken), "--data", str(synth)])
+        _one_sentence(result, "holds NaN or infinite values in 1 tensor(s)", name)
+    assert not (tmp_path / "run" / "calibrate.safetensors").exists()
+
+
+def _make_unwritable(folder):
+    """A folder this process cannot write into, for root too (who ignores permission bits)."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        return lambda: folder.chmod(0o755)
+    # Root writes through any mode: occupy the path the records go to with a file instead.
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.write_text("in the way")
+    return lambda: None
+
+
+def test_eval_of_a_run_folder_it_cannot_write(setup, tmp_path):
+    """#22 item 7: eval --run of an unwritable run evaluates, says the result is not recorded, and writes nothing."""
+    run = _copy_run(setup, tmp_path)
+    restore = _make_unwritable(run / "eval")
+    before = _snapshot(run)
+    try:
+        result = CliRunner().invoke(app, ["eval", "--run", str(run), "--limit", "1", "--json",
+                                          str(tmp_path / "m.json")])
+        assert _snapshot(run) == before
+    finally:
+        restore()
+    assert result.exit_code == 0, result.output
+    assert "is not writable: this result is not recorded" in " ".join(result.output.split())
+    assert "bbox_AP" in json.loads((tmp_path / "m.json").read_text())
+
+
+def test_a_damaged_finished_unit_is_reconstructed_again(setup, tmp_path):
+    """#22 item 7: a finished unit whose file was damaged is redone on resume, not a dead end."""
+    run = _copy_run(setup, tmp_path)
+    command = ["reconstruct", "--run", str(run), "--loss", "mse", "--images", "1", "--iters", "2"]
+    assert CliRunner().invoke(app, command).exit_code == 0
+    want = _tensors(run / "reconstruct.safetensors")
+    (run / "reconstruct.safetensors").unlink()  # as if killed before the end
+    part = sorted((run / "reconstruct" / "blocks").glob("*.safetensors"))[3]
+    data = bytearray(part.read_bytes())
+    data[-5] ^= 0xFF
+    part.write_bytes(bytes(data))
+    result = CliRunner().invoke(app, command)
+    assert result.exit_code == 0, result.output
+    got = _tensors(run / "reconstruct.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    load_artifact(part, stage="reconstruct-unit")  # rewritten whole
+
+
+def test_a_full_disk_while_generating_the_dataset(tmp_path, monkeypatch):
+    """#22 item 7: one sentence, and neither the dataset folder nor a partial copy is left."""
+    import pathlib
+
+    real, calls = pathlib.Path.write_bytes, []
+
+    def fills_up(self, data):
+        calls.append(self)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(self, data)
+
+    monkeypatch.setattr(pathlib.Path, "write_bytes", fills_up)
+    result = CliRunner().invoke(app, ["data", "synth", "--out", str(tmp_path / "synth")])
+    monkeypatch.undo()
+    _one_sentence(result, "could not write the synthetic dataset", "No space left on device")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_export_put_in_place_of_a_stage_artifact(setup, tmp_path):
+    """#22 item 7: an export copied under a stage's name is refused by name everywhere; status calls it damaged."""
+    from aphq_cli.inspect import run_status
+
+    run = _copy_run(setup, tmp_path)
+    export = tmp_path / "e.safetensors"
+    assert CliRunner().invoke(app, ["export", "--run", str(run), "--out", str(export)]).exit_code == 0
+    shutil.copy(export, run / "calibrate.safetensors")
+    before = _snapshot(run)
+    for command in (["eval", "--run", str(run), "--limit", "1"], ["reconstruct", "--run", str(run)],
+                    ["export", "--run", str(run), "--out", str(tmp_path / "x.safetensors")]):
+        _one_sentence(CliRunner().invoke(app, command), "holds an aphq export artifact, not the calibrate stage's")
+    assert {s.stage: s for s in run_status(run)}["calibrate"].detail.startswith("damaged:")
+    assert _snapshot(run) == before
+
+
+def test_eval_run_refuses_a_model_or_checkpoint_it_would_ignore(setup, tmp_path):
+    """#22 item 7: --model/--checkpoint with --run (or --artifact) name what is evaluated, or are refused."""
+    _, run, ckpt, synth = setup
+    other = tmp_path / "other.safetensors"
+    shutil.copy(ckpt, other)
+    with open(other, "ab") as f:
+        f.write(b"\0")
+    cases = [(["--run", str(run), "--checkpoint", str(other)], "is not the checkpoint"),
+             (["--run", str(run), "--model", "tiny-cascade-mask-rcnn"], "is not the model"),
+             (["--artifact", str(run / "calibrate.safetensors"), "--checkpoint", str(ckpt)],
+              "holds its own model and weights")]
+    for args, message in cases:
+        _one_sentence(CliRunner().invoke(app, ["eval", *args, "--limit", "1"]), message)
+    same = CliRunner().invoke(app, ["eval", "--run", str(run), "--model", "tiny-mask-rcnn", "--checkpoint",
+                                    str(ckpt), "--limit", "1"])
+    assert same.exit_code == 0, same.output
+
+
+def test_temp_files_of_killed_writers_are_swept(setup, tmp_path):
+    """#22 item 7: a killed writer's temp files go at the next write to the run; a live writer's stay."""
+    run = _copy_run(setup, tmp_path)
+    dead, old = _dead_pid(), time.time() - 3600
+    stale = [run / f".calibrate.safetensors.{dead}.0123abcd.tmp",
+             run / "reconstruct" / "blocks" / f".00_x.safetensors.{dead}.89abcdef.tmp"]
+    live = run / f".other.safetensors.{os.getpid()}.00000000.tmp"
+    for path in stale + [live]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half")
+        os.utime(path, (old, old))
+    result = CliRunner().invoke(app, ["reconstruct", "--run", str(run), "--loss", "none"])
+    assert result.exit_code == 0, result.output
+    assert not any(p.exists() for p in stale) and live.exists()

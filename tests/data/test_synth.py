@@ -185,3 +185,19 @@ def test_encode_png_round_trips(tmp_path: Path) -> None:
     with Image.open(path) as im:
         assert im.format == "PNG" and im.mode == "RGB"
         assert np.array_equal(np.asarray(im), image)
+
+
+def test_generate_sweeps_the_partial_copies_of_killed_generators(tmp_path):
+    """#22 item 7: a SIGKILLed generator's half-written folder goes at the next generation; a live one's stays."""
+    import os
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # its pid now names no process
+    killed = tmp_path / f".synth.partial-{child.pid}-abc123"
+    (killed / "train").mkdir(parents=True)
+    live = tmp_path / f".synth.partial-{os.getpid()}-def456"
+    live.mkdir()
+    synth.generate(tmp_path / "synth", synth.SynthSpec(num_train=1, num_val=1))
+    assert not killed.exists() and live.is_dir()
