@@ -216,6 +216,8 @@ def reconstruct_cmd(
     iters: Optional[int] = typer.Option(None, "--iters", help="Iterations per unit (default 20000; testbed: its config)."),
     images: Optional[int] = typer.Option(None, "--images", help="Reconstruction images (default 256; testbed: its config)."),
     calib_split: Optional[str] = CalibSplitOpt,
+    heads: bool = typer.Option(False, "--heads",
+                               help="Also reconstruct the RPN, box and mask heads after the FPN (beyond the paper)."),
     device: str = DeviceOpt,
     force: bool = typer.Option(False, "--force", help="Recompute every unit even if finished."),
     quant_config: Optional[str] = QuantConfigOpt,
@@ -225,8 +227,9 @@ def reconstruct_cmd(
     """Block-wise AdaRound reconstruction with APH weights (resumable per unit)."""
     from stages.reconstruct import reconstruct
 
-    run_stage(reconstruct, run=run, loss=loss, iters=iters, images=images, calib_split=calib_split, device=device,
-              force=force, trust_checkpoint=trust_checkpoint, quant_config=quant_config, trust_config=trust_config)
+    run_stage(reconstruct, run=run, loss=loss, iters=iters, images=images, calib_split=calib_split,
+              heads=True if heads else None, device=device, force=force, trust_checkpoint=trust_checkpoint,
+              quant_config=quant_config, trust_config=trust_config)
 
 
 @app.command("export")

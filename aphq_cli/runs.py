@@ -332,6 +332,13 @@ class ImageSequence:
 
     def __init__(self, dataset, device) -> None:
         self.dataset, self.device = dataset, device
+        self._metas: dict[int, dict] = {}
+
+    def meta(self, index: int) -> dict:
+        """Image i's meta as the model's test pass takes it (``img_shape``, ``scale_factor``, ...)."""
+        if index not in self._metas:
+            self._metas[index] = self.dataset[index]["img_metas"][0].data
+        return self._metas[index]
 
     def __len__(self) -> int:
         return len(self.dataset)

@@ -27,9 +27,11 @@ from aphq_cli.artifacts import load_artifact, load_if_current, save_artifact, sh
 from aphq_cli.data.coco import check_calib_split
 from aphq_cli.devices import resolve_device
 from aphq_cli.errors import AphqError
+from aphq_cli.models.heads import float_head_inputs, head_units
 from aphq_cli.models.plan import RPN_TASK, units_of
 from aphq_cli.quant.adaround import beta_schedule, init_alpha, qdrop_mix, rounding_regularizer, soft_quantize_weight
 from aphq_cli.quant.aph import block_fisher, ensure_block_aph
+from aphq_cli.quant.headloss import normalized_sum
 from aphq_cli.quant.modules import QuantConv2d, QuantLinear, Quantizer
 from aphq_cli.quant.wrap import quantization_map
 from aphq_cli.runs import (aph_cache, check_fresh, load_stage, quantized_tensors, read_stage, recorded_source,
@@ -62,6 +64,7 @@ class ReconstructConfig:
     delta: float = 1e-3
     seed: int = 0
     calib_split: str = "train"  # or "val": the published protocol (aphq_cli.data.coco)
+    heads: bool = False  # also reconstruct the RPN, box and mask heads (beyond the paper; issue #18)
     version: int = field(default=CONFIG_VERSION)
 
     def __post_init__(self) -> None:
@@ -125,8 +128,10 @@ class SoftRounding(nn.Module):
         return soft_quantize_weight(weight, q.scale, q.zero_point, q.bits, self.alpha, hard=True)
 
 
-def _run_unit(unit: nn.Module, x):
-    """The neck takes the tuple of backbone maps; every backbone unit one tensor."""
+def _run_unit(unit: nn.Module, x, extra: dict | None = None):
+    """The neck and the heads take the tuple of maps (the heads also the float model's RoIs); the rest one tensor."""
+    if extra is not None:
+        return unit(tuple(x), **extra)
     return unit(tuple(x)) if isinstance(x, (list, tuple)) else unit(x)
 
 
@@ -135,6 +140,8 @@ def _as_list(y) -> list[torch.Tensor]:
 
 
 def _pack(y) -> dict[str, torch.Tensor]:
+    if isinstance(y, dict):  # named tensors (a head record) are stored by name
+        return y
     return {f"t{i}": t for i, t in enumerate(_as_list(y))}
 
 
@@ -165,7 +172,8 @@ def qdrop_quantizers(unit: nn.Module, scope: str) -> list[nn.Module]:
 
 
 def reconstruct_unit(unit: nn.Module, caches: "UnitCaches", k: int, weights, config: ReconstructConfig,
-                     seed: int, progress: Callable[[int, int, float], None] | None = None) -> list[float]:
+                     seed: int, progress: Callable[[int, int, float], None] | None = None,
+                     head_loss: Callable | None = None) -> list[float]:
     """Learn rounding and activation scales of unit ``k`` from its cached inputs and targets.
 
     Afterwards the rounding is hard: each weight holds its quantized value.
@@ -174,6 +182,9 @@ def reconstruct_unit(unit: nn.Module, caches: "UnitCaches", k: int, weights, con
         caches: the float input, quantized-model input and float output per image.
         weights: callable ``(index) -> weight or None`` (None: plain MSE).
         progress: optional callable ``(step, total, loss)``.
+        head_loss: a head unit's ``(outputs, float outputs, record) -> {term: value}``
+            (:mod:`aphq_cli.models.heads`); each term is normalized by its first
+            non-zero value (:func:`~aphq_cli.quant.headloss.normalized_sum`).
 
     Returns:
         The loss every 10 % of the iterations.
@@ -196,18 +207,25 @@ def reconstruct_unit(unit: nn.Module, caches: "UnitCaches", k: int, weights, con
     gen = torch.Generator().manual_seed(seed)
     opt_w = torch.optim.Adam([s.alpha for s in soft.values()], lr=config.w_lr)
     opt_a = torch.optim.Adam(scales, lr=config.a_lr) if scales else None
-    first, losses = None, []
+    first, losses, firsts = None, [], {}
     try:
         for step in range(config.iters):
             i = step % caches.count  # images in order, as the published code takes them
             x_fp, x_q = _as_list(caches.fp_in(k, i)), _as_list(caches.q_in(k, i))
             target = _as_list(caches.target(k, i))
             x = [qdrop_mix(a, b, config.quant_ratio, gen) for a, b in zip(x_q, x_fp)]
-            out = _as_list(_run_unit(unit, x if len(x) > 1 else x[0]))
-            rec = unit_loss(out, target, weights(i))
-            if first is None:
-                first = rec.detach().clamp_min(1e-12)
-            loss = 2 * rec / first
+            if head_loss is not None:
+                extra = caches.extra(k, i)
+                loss = normalized_sum(head_loss(_as_list(_run_unit(unit, x, extra)), target, extra), firsts)
+                if loss is None:  # nothing to match on this image yet (no kept RoI, no detection)
+                    continue
+                rec, first = loss.detach() / 2, 1.0  # recorded: the mean of the normalized terms
+            else:
+                out = _as_list(_run_unit(unit, x if len(x) > 1 else x[0]))
+                rec = unit_loss(out, target, weights(i))
+                if first is None:
+                    first = rec.detach().clamp_min(1e-12)
+                loss = 2 * rec / first
             beta = beta_schedule(step, config.iters, config.warmup)
             if beta is not None:
                 loss = loss + config.reg_weight * sum(rounding_regularizer(s.alpha, beta) for s in soft.values())
@@ -259,23 +277,51 @@ class UnitCaches:
     for k = 0); its quantized-model input ``q/<k>`` is unit k-1, already
     reconstructed, applied to ``q/<k-1>``. The neck's inputs are the two
     backbones' outputs. Only two units' entries are kept at a time.
+
+    Head units (``heads``: unit index -> the key of its record in
+    :func:`~aphq_cli.models.heads.float_head_inputs`, "" for the RPN) all read
+    the FPN outputs: the float ones ``y/<neck>`` and the reconstructed neck's
+    ``q/heads``, which stay until the last head is done; ``rec`` holds what
+    the float model decided for each image (its RoIs, classes, kept RoIs).
     """
 
-    def __init__(self, cache, imgs, device) -> None:
+    def __init__(self, cache, imgs, device, heads: dict[int, str] | None = None) -> None:
         self.cache, self.imgs, self.device, self.count = cache, imgs, device, len(imgs)
+        self.heads = heads or {}
+        self.neck = min(self.heads) - 1 if self.heads else None
 
     def fp_in(self, k: int, i: int):
+        if k in self.heads:
+            return _get(self.cache, f"y/{self.neck}", i, self.device)
         return self.imgs[i] if k == 0 else _get(self.cache, f"fp/{k}" if self.cache.complete(f"fp/{k}", self.count)
                                                 else f"y/{k - 1}", i, self.device)
 
     def q_in(self, k: int, i: int):
+        if k in self.heads:
+            return _get(self.cache, "q/heads", i, self.device)
         return self.imgs[i] if k == 0 else _get(self.cache, f"q/{k}", i, self.device)
 
     def target(self, k: int, i: int):
         return _get(self.cache, f"y/{k}", i, self.device)
 
+    def extra(self, k: int, i: int) -> dict[str, torch.Tensor]:
+        """Head unit k's record of image i (its RoIs, the float classes, the kept RoIs); {} for the RPN."""
+        key = self.heads.get(k)
+        if not key:
+            return {}
+        record = self.cache.get("rec", i, self.device)
+        return {name.split("/", 1)[1]: v for name, v in record.items() if name.startswith(f"{key}/")}
+
     def prepare(self, k: int, name: str, unit_q, unit_fp, detector, fp, prev_unit, report) -> None:
         """Make unit k's quantized input and float output available."""
+        if k in self.heads:
+            if k == self.neck + 1:  # the first head: the FPN outputs every head reads, and the float RoIs
+                _fill(self.cache, "q/heads", self.count, lambda i: prev_unit(tuple(_as_list(self.q_in(k - 1, i)))),
+                      lambda d, t: report("head inputs (quantized)", d, t))
+                _fill(self.cache, "rec", self.count, lambda i: _records(fp, self.fp_in(k, i), self.imgs.meta(i)),
+                      lambda d, t: report("float RoIs", d, t))
+            _fill(self.cache, f"y/{k}", self.count, lambda i: unit_fp(tuple(self.fp_in(k, i)), **self.extra(k, i)))
+            return
         if name == "neck":
             _fill(self.cache, f"fp/{k}", self.count, lambda i: fp.backbone(self.imgs[i]),
                   lambda d, t: report("neck inputs (float)", d, t))
@@ -289,10 +335,22 @@ class UnitCaches:
         _fill(self.cache, f"y/{k}", self.count, lambda i: unit_fp(self.fp_in(k, i)))
 
     def release(self, k: int) -> None:
-        """Unit k is done and unit k+1 prepared: k's quantized input and k-1's output go."""
+        """Unit k is done and unit k+1 prepared: k's quantized input and k-1's output go.
+
+        The FPN outputs and the float records the heads read stay to the end.
+        """
+        if k in self.heads:
+            self.cache.drop(f"y/{k}")
+            return
         self.cache.drop(f"q/{k}")
         if k > 0:
             self.cache.drop(f"y/{k - 1}")
+
+
+def _records(fp, feats, meta) -> dict[str, torch.Tensor]:
+    """:func:`float_head_inputs` of one image, flattened for the cache (``box0/rois``)."""
+    return {f"{key}/{name}": value for key, record in float_head_inputs(fp, list(feats), meta).items()
+            for name, value in record.items()}
 
 
 def _loss_weights(loss: str, k: int, name: str, unit_q, detector, fp, caches: UnitCaches, aph, delta: float,
@@ -314,13 +372,14 @@ def _loss_weights(loss: str, k: int, name: str, unit_q, detector, fp, caches: Un
 
 @writes_run
 def reconstruct(*, run: Path, loss: str | None = None, iters: int | None = None, images: int | None = None,
-                calib_split: str | None = None,
+                calib_split: str | None = None, heads: bool | None = None,
                 device: str = "cpu", force: bool = False, trust_checkpoint: bool = False,
                 settings: dict | None = None, quant_config: str | Path | None = None,
                 trust_config: bool = False, progress=None) -> StageResult:
     """Reconstruct the calibrated model of ``run`` into ``run/reconstruct.safetensors``.
 
     Args:
+        heads: also reconstruct the RPN, box and mask heads (``--heads``; beyond the paper).
         trust_config: read the model config file the run's header names (it is Python).
         progress: optional callable ``(description, done, total)``.
     """
@@ -344,7 +403,7 @@ def reconstruct(*, run: Path, loss: str | None = None, iters: int | None = None,
     dev = resolve_device(distributed.init(device))
     stage = open_stage(
         SPEC, run=run, overrides=with_arguments(settings, loss=loss, iters=iters, images=images,
-                                                calib_split=calib_split),
+                                                calib_split=calib_split, heads=heads),
         quant_config=quant_config, force=force, upstream=upstream,
         source=lambda: recorded_source(calib_path, calibrated()[0], trust_checkpoint=trust_checkpoint,
                                        trust_config=trust_config),
@@ -368,26 +427,36 @@ def reconstruct(*, run: Path, loss: str | None = None, iters: int | None = None,
     if force and main:
         cache.drop("")
     distributed.barrier()
-    caches = UnitCaches(cache, source.images(dataset, dev), dev)
     aph = aph_cache(source, dataset, config.delta)  # the same estimates mlp-recon uses
     # The calibrate settings (bit-widths) carry over; images are reconstruct's own.
     header = made.with_fields(**stage.header(), reconstruct=asdict(config),
                               reconstruct_quant_config=stage.quant_config)
     blocks = Path(run) / "reconstruct" / "blocks"
     units = units_of(detector) if config.loss != "none" else []
+    # With --heads, the RPN, box and mask heads follow the neck (aphq_cli/models/heads.py): each is a small
+    # module over the detector's own layers, with a float twin over the float model's.
+    heads = head_units(detector) if config.heads and units else []
+    twins = {h.name: h.module for h in head_units(fp)} if heads else {}
+    by_index = {len(units) + j: h for j, h in enumerate(heads)}
+    units += [(h.name, h.module) for h in heads]
+    caches = UnitCaches(cache, source.images(dataset, dev), dev, heads={k: h.key for k, h in by_index.items()})
     for k, (name, unit) in enumerate(units):
-        caches.prepare(k, name, unit, fp.get_submodule(name), detector, fp, units[k - 1][1] if k else None, report)
+        twin = twins[name] if k in by_index else fp.get_submodule(name)
+        caches.prepare(k, name, unit, twin, detector, fp, units[k - 1][1] if k else None, report)
         path = blocks / f"{k:02d}_{name.replace('.', '_')}.safetensors"
         # Rank 0 decides, so every rank takes the same branch (and meets the same barriers). A finished
         # unit whose file is damaged, or was made from other inputs, is reconstructed again.
         saved = None if force or not main else load_if_current(path, stage="reconstruct-unit", inputs=inputs)
         finished = distributed.broadcast(saved is not None)
         if not finished:
-            weights = _loss_weights(config.loss, k, name, unit, detector, fp, caches, aph, config.delta, report)
+            head = by_index.get(k)
+            weights = (lambda i: None) if head else _loss_weights(config.loss, k, name, unit, detector, fp, caches,
+                                                                  aph, config.delta, report)
             if main:  # the optimization itself runs on one rank; the others wait for its result
                 label = f"unit {k + 1}/{len(units)} {name}"
                 losses = reconstruct_unit(unit, caches, k, weights, config, config.seed * 1000 + k,
-                                          lambda s, t, value: report(label, s, t))
+                                          lambda s, t, value: report(label, s, t),
+                                          head_loss=head.loss if head else None)
                 part = header.with_fields(unit=name, losses=losses, total_blocks=len(units))
                 save_artifact(path, {f"{name}.{key}": v.detach().clone() for key, v in unit.state_dict().items()},
                               stage="reconstruct-unit", config=part.to_dict(), inputs=inputs)

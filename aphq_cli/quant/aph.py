@@ -16,11 +16,11 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from aphq_cli.quant.headloss import rpn_terms
 from aphq_cli.quant.plan import Task
 
 DELTA = 1e-3
 OBJECTNESS = 0.7  # anchors whose float objectness exceeds this carry the box term
-_EPS = 1e-7
 
 
 def perturbation_gradients(loss_fn: Callable[[torch.Tensor], torch.Tensor], output: torch.Tensor,
@@ -67,16 +67,7 @@ def rpn_task_loss(cls: Sequence[torch.Tensor], reg: Sequence[torch.Tensor], cls_
         cls, cls_fp: per level ``(B, A, H, W)`` logits.
         reg, reg_fp: per level ``(B, 4A, H, W)`` deltas (channel ``4a + k``).
     """
-    sum_cls, sum_reg = cls[0].new_zeros(()), cls[0].new_zeros(())
-    kept = False
-    for c, r, cf, rf in zip(cls, reg, cls_fp, reg_fp):
-        p = torch.sigmoid(c).clamp(_EPS, 1 - _EPS)
-        q = torch.sigmoid(cf).clamp(_EPS, 1 - _EPS)
-        kl = q * (q.log() - p.log()) + (1 - q) * ((1 - q).log() - (1 - p).log())
-        sum_cls = sum_cls + kl.mean()
-        mask = (q > OBJECTNESS).repeat_interleave(4, dim=1).to(r.dtype)
-        kept = kept or bool(mask.any())
-        sum_reg = sum_reg + nn.functional.smooth_l1_loss(r * mask, rf * mask, reduction="mean")
+    sum_cls, sum_reg, kept = rpn_terms(cls, reg, cls_fp, reg_fp, OBJECTNESS)
     loss = sum_cls / sum_cls.detach().clamp_min(1e-12)
     if kept:
         loss = loss + sum_reg / sum_reg.detach().clamp_min(1e-12)

@@ -249,3 +249,57 @@ def test_images_are_taken_in_order():
 
     reconstruct_unit(unit, Caches(), 0, lambda i: None, ReconstructConfig(iters=7), seed=0)
     assert asked[::2] == [0, 1, 2, 0, 1, 2, 0]
+
+
+HEADS = {"iters": 3, "images": 2, "heads": True}
+
+
+def _head_params(tensors):
+    return {k: v for k, v in tensors.items() if k.startswith(("param:rpn_head.", "param:roi_head."))}
+
+
+def test_without_heads_the_heads_keep_their_calibrated_weights(calibrated):
+    """#18: the published scope (the default): 13 units, and no head weight changes from calibrate's."""
+    reconstruct(run=calibrated, loss="mse", settings=SMALL)
+    blocks = sorted((calibrated / "reconstruct" / "blocks").glob("*.safetensors"))
+    assert len(blocks) == 13 and blocks[-1].name == "12_neck.safetensors"
+    cal, _ = load_artifact(calibrated / "calibrate.safetensors")
+    rec, _ = load_artifact(calibrated / "reconstruct.safetensors")
+    assert _head_params(rec).keys() == _head_params(cal).keys()
+    assert all(torch.equal(rec[k], cal[k]) for k in _head_params(cal))
+
+
+def test_head_units_kill_and_resume_gives_the_uninterrupted_result(calibrated, tmp_path):
+    """#18: the heads after the FPN are units like the others: hard-rounded, resumable, exported."""
+    import shutil
+
+    from aphq_cli.exports import load_export
+    from aphq_cli.inspect import run_status
+    from stages.export import export
+
+    twin = shutil.copytree(calibrated, tmp_path / "twin")
+    reference = reconstruct(run=calibrated, loss="mse", settings=HEADS).path
+    expected, header = load_artifact(reference)
+    names = [p.name for p in sorted((calibrated / "reconstruct" / "blocks").glob("*.safetensors"))]
+    assert names[12:] == ["12_neck.safetensors", "13_rpn_head.safetensors", "14_roi_head_bbox_head.safetensors",
+                          "15_roi_head_mask_head.safetensors"]
+    model, _, _ = load_stage(calibrated)
+    for m in list(model.rpn_head.modules()) + list(model.roi_head.modules()):
+        if isinstance(m, (QuantLinear, QuantConv2d)):  # every head weight on its grid
+            codes = m.weight / m.w_quant.scale + m.w_quant.zero_point
+            assert torch.allclose(codes, codes.round(), atol=1e-3)
+    blocks = twin / "reconstruct" / "blocks"
+    code = ("from pathlib import Path; from stages.reconstruct import reconstruct; "
+            f"reconstruct(run=Path({str(twin)!r}), loss='mse', settings={HEADS!r})")
+    done = kill_when_done(code, blocks, 14)  # past the RPN head
+    assert 14 <= done < 16, "the kill should land among the head units"
+    assert {s.stage: s.detail for s in run_status(twin)}["reconstruct"] == f"{done} of 16 blocks done"
+    resumed, hit = reconstruct(run=twin, loss="mse", settings=HEADS)
+    got, _ = load_artifact(resumed)
+    assert not hit and got.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(got[key], expected[key]), key
+    # The export packs the reconstructed head weights.
+    exported, _, _ = load_export(export(run=calibrated, out=tmp_path / "e.safetensors").path)
+    for name in ("rpn_head.rpn_cls.weight", "roi_head.bbox_head.fc_cls.weight", "roi_head.mask_head.conv_logits.weight"):
+        assert torch.equal(exported.get_parameter(name), model.get_parameter(name)), name
