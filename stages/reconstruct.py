@@ -65,6 +65,7 @@ class ReconstructConfig:
     seed: int = 0
     calib_split: str = "train"  # or "val": the published protocol (aphq_cli.data.coco)
     heads: bool = False  # also reconstruct the RPN, box and mask heads (beyond the paper; issue #18)
+    head_kinds: str = "rpn,box,mask"  # with heads: which of them (one alone, to see where each helps)
     version: int = field(default=CONFIG_VERSION)
 
     def __post_init__(self) -> None:
@@ -82,6 +83,10 @@ class ReconstructConfig:
         if self.reg_weight < 0:
             raise AphqError(f"reg_weight must be >= 0, got {self.reg_weight}")
         check_calib_split(self.calib_split)
+        kinds = self.head_kinds.split(",")
+        if not kinds or not set(kinds) <= set(HEAD_KINDS) or len(set(kinds)) != len(kinds):
+            raise AphqError(f"head_kinds must name some of {', '.join(HEAD_KINDS)} (comma-separated), "
+                            f"got {self.head_kinds!r}")
         if self.qdrop_scope not in QDROP_SCOPES:
             raise AphqError(f"qdrop_scope must be one of {', '.join(QDROP_SCOPES)}, got {self.qdrop_scope!r}")
 
@@ -108,6 +113,9 @@ LOSSES: dict[str, str] = {
 # reconstruction. "linear" is the published code's: Linear-layer inputs only;
 # "all" also drops on the attention-matmul operands and conv inputs (the image too).
 QDROP_SCOPES = ("linear", "all")
+
+# The kinds of head unit (aphq_cli/models/heads.py) that `head_kinds` may name.
+HEAD_KINDS = ("rpn", "box", "mask")
 
 
 class SoftRounding(nn.Module):
@@ -435,7 +443,8 @@ def reconstruct(*, run: Path, loss: str | None = None, iters: int | None = None,
     units = units_of(detector) if config.loss != "none" else []
     # With --heads, the RPN, box and mask heads follow the neck (aphq_cli/models/heads.py): each is a small
     # module over the detector's own layers, with a float twin over the float model's.
-    heads = head_units(detector) if config.heads and units else []
+    kinds = config.head_kinds.split(",")
+    heads = [h for h in head_units(detector) if h.kind in kinds] if config.heads and units else []
     twins = {h.name: h.module for h in head_units(fp)} if heads else {}
     by_index = {len(units) + j: h for j, h in enumerate(heads)}
     units += [(h.name, h.module) for h in heads]

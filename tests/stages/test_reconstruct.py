@@ -303,3 +303,16 @@ def test_head_units_kill_and_resume_gives_the_uninterrupted_result(calibrated, t
     exported, _, _ = load_export(export(run=calibrated, out=tmp_path / "e.safetensors").path)
     for name in ("rpn_head.rpn_cls.weight", "roi_head.bbox_head.fc_cls.weight", "roi_head.mask_head.conv_logits.weight"):
         assert torch.equal(exported.get_parameter(name), model.get_parameter(name)), name
+
+
+def test_one_kind_of_head_alone(calibrated):
+    """#18: head_kinds picks the heads to reconstruct (to see where each helps); the rest stay calibrated."""
+    with pytest.raises(AphqError, match="head_kinds must name some of rpn, box, mask"):
+        ReconstructConfig(head_kinds="roi")
+    reconstruct(run=calibrated, loss="mse", settings={"iters": 1, "images": 1, "heads": True, "head_kinds": "mask"})
+    names = [p.name for p in sorted((calibrated / "reconstruct" / "blocks").glob("*.safetensors"))]
+    assert names[12:] == ["12_neck.safetensors", "13_roi_head_mask_head.safetensors"]
+    rec, _ = load_artifact(calibrated / "reconstruct.safetensors")
+    # An artifact stores the parameters that differ from the float model's: the mask head's now, not the box head's.
+    assert "param:roi_head.mask_head.conv_logits.weight" in rec
+    assert not any(k.startswith(("param:roi_head.bbox_head.", "param:rpn_head.")) for k in rec)
