@@ -52,7 +52,36 @@ class Quantizer(nn.Module):
         return f"bits={self.bits}, shape={tuple(self.scale.shape)}, enabled={self.enabled}"
 
 
-class QuantLinear(nn.Module):
+class _QuantWeight(nn.Module):
+    """A layer whose weight is fake-quantized by ``w_quant``, computed once for as long as nothing changes.
+
+    Without gradients (evaluation, cache filling) the fake-quantized weight is
+    the same for every input: it is kept, keyed by everything it follows
+    from (the weight tensor and its in-place version, the quantizer and its
+    scale, zero point, bits and state), and made again when any of them
+    changes. With gradients (reconstruction) it is computed every time.
+    """
+
+    weight: torch.Tensor
+    w_quant: nn.Module
+
+    def quantized_weight(self) -> torch.Tensor:
+        q, w = self.w_quant, self.weight
+        if getattr(q, "keep_quantized", 1.0) < 1 or (  # random (QDrop), or a gradient is wanted
+                torch.is_grad_enabled() and (w.requires_grad or any(t.requires_grad for t in q.parameters()))):
+            return q(w)
+        state = [*q.parameters(), *q.buffers()]
+        key = (id(q), w.data_ptr(), w._version, getattr(q, "bits", None), getattr(q, "enabled", None),
+               *((t.data_ptr(), t._version) for t in state))
+        cached = self.__dict__.get("_memo")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, q(w))
+            self.__dict__["_memo"] = cached  # not a buffer: never saved, never moved
+        return cached[1]
+
+
+class QuantLinear(_QuantWeight):
     """``linear(quant_in(x), quant_w(W), b)``; per-tensor input, per-output-channel weight."""
 
     def __init__(self, linear: nn.Linear, w_bits: int, a_bits: int) -> None:
@@ -63,10 +92,10 @@ class QuantLinear(nn.Module):
         self.a_quant = Quantizer(a_bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.a_quant(x), self.w_quant(self.weight), self.bias)
+        return F.linear(self.a_quant(x), self.quantized_weight(), self.bias)
 
 
-class QuantConv2d(nn.Module):
+class QuantConv2d(_QuantWeight):
     """``conv2d(quant_in(x), quant_w(W))``; per-tensor input, per-output-channel weight."""
 
     def __init__(self, conv: nn.Conv2d, w_bits: int, a_bits: int) -> None:
@@ -81,7 +110,7 @@ class QuantConv2d(nn.Module):
         self.a_quant = Quantizer(a_bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(self.a_quant(x), self.w_quant(self.weight), self.bias, self.stride, self.padding,
+        return F.conv2d(self.a_quant(x), self.quantized_weight(), self.bias, self.stride, self.padding,
                         self.dilation, self.groups)
 
 

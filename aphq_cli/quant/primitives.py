@@ -22,6 +22,12 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
 
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
     """``(clamp(round(x / s) + z, 0, 2^b - 1) - z) * s``; rounding is straight-through."""
+    if not torch.is_grad_enabled() or not (x.requires_grad or scale.requires_grad or zero_point.requires_grad):
+        # No gradient wanted (inference, cache filling): the same operations in place on one new
+        # tensor. round_ste(v) equals round(v) to the bit (v + (round(v) - v) is exact in floating
+        # point: the difference is exact by Sterbenz's lemma), so the result is the same.
+        q = x / scale
+        return q.round_().add_(zero_point).clamp_(0, qmax(bits)).sub_(zero_point).mul_(scale)
     q = torch.clamp(round_ste(x / scale) + zero_point, 0, qmax(bits))
     return (q - zero_point) * scale
 

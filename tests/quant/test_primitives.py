@@ -161,3 +161,18 @@ def test_search_matmul_improves_on_full_range_per_head():
     searched, full = err(sa, za, sb, zb), err(*minmax(a), *minmax(b))
     assert torch.all(searched <= full)
     assert searched[0] < 0.8 * full[0]  # clipping head 0's outlier pays off
+
+
+def test_fake_quantize_without_gradients_is_the_same_to_the_bit():
+    """The in-place inference path gives the straight-through path's values exactly, ties and signed zeros too."""
+    from aphq_cli.quant.primitives import qmax, round_ste
+
+    torch.manual_seed(0)
+    for magnitude in (1e-3, 1.0, 1e3):
+        x = torch.randn(32, 48) * magnitude
+        x[0, :7] = torch.tensor([0.5, -0.5, 1.5, -1.5, 2.5, 0.0, -0.0])
+        scale, zero = torch.rand(32, 1) * 0.1 + 1e-4, torch.randint(0, 16, (32, 1)).float()
+        slow = (torch.clamp(round_ste(x / scale) + zero, 0, qmax(4)) - zero) * scale
+        with torch.no_grad():
+            fast = fake_quantize(x, scale, zero, 4)
+        assert torch.equal(slow.view(torch.int32), fast.view(torch.int32))

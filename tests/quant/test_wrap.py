@@ -182,3 +182,33 @@ def test_matmul_calibration_samples_windows_across_the_whole_image():
         mm(a, a)
     windows = recorder.pairs["mm"][0][0].flatten().tolist()
     assert windows == [0.0, 4.0, 8.0, 12.0]  # not the first four
+
+
+def test_the_kept_quantized_weight_follows_every_change():
+    """Without gradients a layer keeps its fake-quantized weight, and makes it again when anything changes."""
+    import torch.nn as nn
+
+    from aphq_cli.quant.modules import QuantLinear
+
+    torch.manual_seed(0)
+    layer = QuantLinear(nn.Linear(8, 4), 4, 8)
+    layer.w_quant.set_params(torch.full((4, 1), 0.05), torch.full((4, 1), 8.0))
+    x = torch.randn(3, 8)
+
+    def reference():
+        return torch.nn.functional.linear(x, layer.w_quant(layer.weight), layer.bias)
+
+    with torch.no_grad():
+        assert torch.equal(layer(x), reference())
+        first = layer.quantized_weight()
+        assert layer.quantized_weight() is first  # kept
+        layer.weight.mul_(1.5)  # in place: made again
+        assert torch.equal(layer(x), reference())
+        layer.w_quant.scale.fill_(0.1)
+        assert torch.equal(layer(x), reference())
+        layer.w_quant.enabled = False
+        assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+    layer.w_quant.enabled = True
+    layer.weight.requires_grad_(True)
+    layer(x).sum().backward()  # with gradients: computed every time, and it backpropagates
+    assert layer.weight.grad is not None
