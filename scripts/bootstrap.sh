@@ -2,8 +2,10 @@
 # Create .venv and install aphq with every pinned dependency, idempotently.
 #
 # A stamp inside .venv records the sha256 of requirements.lock and
-# pyproject.toml; when both are unchanged and mmcv's compiled ops import,
-# this returns in well under a second.
+# pyproject.toml; when both are unchanged and the stack imports, this returns
+# in about a second. No compiler and no CUDA toolkit are needed: mmcv-full is
+# installed without its compiled ops, which aphq serves from torchvision
+# (aphq_cli/mmcv_ext.py). Build and install output goes to .venv/bootstrap.log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -13,59 +15,59 @@ command -v "$PY" >/dev/null 2>&1 || PY=python3
 VENV=.venv
 STAMP=$VENV/.aphq-bootstrap
 want=$(cat requirements.lock pyproject.toml | sha256sum | cut -d' ' -f1)
+check='import aphq_cli, mmcv.ops, mmdet'
 
-if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] \
-   && "$VENV/bin/python" -c 'import mmcv._ext' >/dev/null 2>&1; then
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && "$VENV/bin/python" -c "$check" >/dev/null 2>&1; then
   exit 0
 fi
 
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-pip() { "$VENV/bin/python" -m pip --disable-pip-version-check "$@"; }
-
+LOG=$root/$VENV/bootstrap.log
+: > "$LOG"
+step() { echo "aphq bootstrap: $1" >&2; echo "== $1" >> "$LOG"; }
+fail() { echo "aphq bootstrap: $1 failed; the last lines of $LOG:" >&2; tail -n 20 "$LOG" >&2; exit 1; }
+pip() { "$VENV/bin/python" -m pip --disable-pip-version-check "$@" >> "$LOG" 2>&1; }
 pin() { grep -E "^$1(==|>=|<)" requirements.lock | head -n1; }
 
-echo "aphq bootstrap: installing build tools and torch (first run only)" >&2
-pip install -q --upgrade pip >/dev/null
-pip install -q "$(pin setuptools)" "$(pin wheel)"
-pip install -q "$(pin torch)" "$(pin torchvision)"
+start=$SECONDS
+step "installing build tools, torch and torchvision (first run only)"
+pip install -q --upgrade pip || fail "upgrading pip"
+pip install -q "$(pin setuptools)" "$(pin wheel)" || fail "installing setuptools"
+pip install -q "$(pin torch)" "$(pin torchvision)" || fail "installing torch"
 
-# Everything pinned except mmcv-full (its runtime needs come first, so that
-# its import check below tests the compiled ops, not a missing package).
-grep -vE '^(#|$|torch|torchvision|mmcv-full|setuptools|wheel)' requirements.lock \
-  | pip install -q -c requirements.lock -r /dev/stdin
+step "installing the pinned packages"
+# Everything pinned except mmcv-full, built below.
+grep -vE '^(#|$|torch|torchvision|mmcv-full|setuptools|wheel)' requirements.lock > "$VENV/requirements.txt"
+pip install -q -c requirements.lock -r "$VENV/requirements.txt" || fail "installing the pinned packages"
 
-# mmcv-full has no wheel on the registry, and its setup.py forces -std=c++17
-# while torch 2.14's headers need C++20: build its sdist with that one flag
-# changed, against the torch just installed, and keep the wheel in a cache
-# keyed by the torch version so later bootstraps (and CI) install in seconds.
-if ! "$VENV/bin/python" -c 'import mmcv._ext' >/dev/null 2>&1; then
-  torch_v=$("$VENV/bin/python" -c 'import torch; print(torch.__version__.split("+")[0])')
-  mmcv_v=$(pin mmcv-full | sed 's/.*==//')
-  cache=${APHQ_WHEEL_CACHE:-$HOME/.cache/aphq/wheels}/torch-$torch_v
-  wheel=$(ls "$cache"/mmcv_full-"$mmcv_v"-*.whl 2>/dev/null | head -n1 || true)
+# mmcv-full has no wheel on the registry. Its sdist built with MMCV_WITH_OPS=0 is a pure Python
+# wheel (named mmcv) in seconds: no compiler, no CUDA toolkit, and the same wheel serves every
+# machine. It is kept in a cache so later bootstraps (and CI) install it at once.
+mmcv_v=$(pin mmcv-full | sed 's/.*==//')
+if ! "$VENV/bin/python" -c "import mmcv, sys; sys.exit(mmcv.__version__ != '$mmcv_v')" >/dev/null 2>&1; then
+  cache=${APHQ_WHEEL_CACHE:-$HOME/.cache/aphq/wheels}
+  wheel=$(ls "$cache"/mmcv-"$mmcv_v"-py2.py3-none-any.whl 2>/dev/null | head -n1 || true)
   if [ -z "$wheel" ]; then
-    echo "aphq bootstrap: building mmcv-full $mmcv_v with ops for torch $torch_v (about 15-20 minutes on 2 cores, once)" >&2
+    step "building mmcv $mmcv_v without compiled ops (pure Python, seconds)"
     work=$(mktemp -d)
     trap 'rm -rf "$work"' EXIT
-    pip download -q --no-deps --no-binary :all: --no-build-isolation -d "$work" "mmcv-full==$mmcv_v"
+    pip download -q --no-deps --no-binary :all: --no-build-isolation -d "$work" "mmcv-full==$mmcv_v" \
+      || fail "downloading the mmcv-full $mmcv_v sdist"
     tar -xzf "$work"/mmcv-full-"$mmcv_v".tar.gz -C "$work"
-    sed -i "s/'-std=c++17'\]/'-std=c++20']/" "$work/mmcv-full-$mmcv_v/setup.py"
-    grep -q "std=c++20" "$work/mmcv-full-$mmcv_v/setup.py" \
-      || { echo "aphq bootstrap: mmcv-full's setup.py changed; cannot set C++20" >&2; exit 1; }
+    (cd "$work/mmcv-full-$mmcv_v" && MMCV_WITH_OPS=0 "$root/$VENV/bin/python" -m pip wheel -q \
+       --no-build-isolation --no-deps -w "$work/dist" . >> "$LOG" 2>&1) || fail "building mmcv"
     mkdir -p "$cache"
-    (cd "$work/mmcv-full-$mmcv_v" && MMCV_WITH_OPS=1 MAX_JOBS=${MAX_JOBS:-2} \
-      "$root/$VENV/bin/python" -m pip wheel -q --no-build-isolation --no-deps -w "$work/dist" .)
-    cp "$work"/dist/mmcv_full-*.whl "$cache"/
-    wheel=$(ls "$cache"/mmcv_full-"$mmcv_v"-*.whl | head -n1)
+    cp "$work"/dist/mmcv-"$mmcv_v"-*.whl "$cache"/
+    wheel=$(ls "$cache"/mmcv-"$mmcv_v"-py2.py3-none-any.whl | head -n1)
   fi
-  pip install -q --force-reinstall --no-deps "$wheel"
-  "$VENV/bin/python" -c 'import mmcv._ext' \
-    || { echo "aphq bootstrap: $wheel does not import; delete it and rerun" >&2; exit 1; }
+  # A .venv from an earlier aphq holds the compiled mmcv-full: the pure one replaces it.
+  pip uninstall -q -y mmcv-full || true
+  pip install -q --force-reinstall --no-deps "$wheel" || fail "installing $wheel"
 fi
 
-# aphq itself, editable, so the checkout is what runs.
-pip install -q --no-build-isolation --no-deps -e .
+step "installing aphq (editable)"
+pip install -q --no-build-isolation --no-deps -e . || fail "installing aphq"
 
-"$VENV/bin/python" -c 'import mmcv._ext, mmdet, aphq_cli' \
-  || { echo "aphq bootstrap: the installed stack does not import" >&2; exit 1; }
+"$VENV/bin/python" -c "$check" >> "$LOG" 2>&1 || fail "importing the installed stack"
 echo "$want" > "$STAMP"
+step "ready in $((SECONDS - start)) s ($VENV/bin/aphq)"
