@@ -85,7 +85,7 @@ def run_stage(stage_fn: Callable, label: str | None = None, **kwargs) -> None:
     """
     from aphq_cli.console import err, stage_progress
 
-    with stage_progress() as report:
+    with stage_progress(prefix="" if label else f"{stage_fn.__name__.replace('_', '-')}: ") as report:
         progress = (lambda done, total: report(label, done, total)) if label else report
         path, hit = stage_fn(progress=progress, **kwargs)
     if hit:
@@ -279,18 +279,26 @@ def demo_cmd(
 @app.command("status")
 @user_errors
 def status_cmd(run: Path = typer.Option(..., "--run", "-r", help="Run folder."),
+               json_out: bool = typer.Option(False, "--json", help="Print the stages as JSON on stdout, for scripts."),
                trust_config: bool = TrustConfigOpt) -> None:
-    """Which stages a run holds, what made them, and whether each is still current."""
+    """Which stages a run holds, what made them, whether each is current, and a running stage's progress."""
+    import json
+
     from rich.table import Table
 
     from aphq_cli.console import err
     from aphq_cli.inspect import run_status
 
+    stages = run_status(run, trust_config=trust_config)
+    if json_out:
+        print(json.dumps({"run": str(run), "stages": [s.to_json() for s in stages]}, indent=1))
+        return
+    colours = {"stale": "red", "damaged": "red", "stopped": "yellow", "running": "green"}
     table = Table(title=f"run {run}")
     for col in ("stage", "state", "made", "from"):
         table.add_column(col)
-    for s in run_status(run, trust_config=trust_config):
-        state = "missing" if not s.exists else ("current" if s.current else "[red]stale[/]")
+    for s in stages:
+        state = f"[{colours[s.state]}]{s.state}[/]" if s.state in colours else s.state
         table.add_row(s.stage, state, s.created, s.detail)
     err.print(table)
 

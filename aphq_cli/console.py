@@ -16,23 +16,40 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
     TimeRemainingColumn
 from rich.table import Table
 
+from aphq_cli.progress import PlainLog, Tracker, note
+
 # Under torchrun only rank 0 talks: K progress bars on one terminal would be noise.
 err = Console(stderr=True, quiet=int(os.environ.get("RANK", "0")) > 0)
 
 
 @contextlib.contextmanager
-def stage_progress() -> Iterator[Callable[[str, int, int], None]]:
-    """One bar per phase of a multi-phase stage; yields ``report(description, done, total)``.
+def stage_progress(prefix: str = "") -> Iterator[Callable[..., None]]:
+    """Progress of a stage's phases; yields ``report(description, done, total, loss=None)``.
 
-    Bars appear at the first report, so a command that fails on its input
-    prints its one error line and nothing else.
+    In a terminal, one bar per phase, appearing at its first report (so a
+    command that fails on its input prints its one error line and nothing
+    else). Where stderr is a file (a batch job's log), complete timestamped
+    lines instead (:class:`~aphq_cli.progress.PlainLog`), never cut and
+    without cursor codes. Either way each report reaches the run folder's
+    progress record while a stage writes one (:func:`aphq_cli.progress.note`).
+
+    Args:
+        prefix: put before each description in plain lines (``reconstruct: ``).
     """
+    tracker = Tracker()
+    live = err.is_terminal
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
     progress = Progress(*columns, console=err, transient=False)
+    plain = PlainLog(lambda line: err.print(line, markup=False, highlight=False, soft_wrap=True), prefix)
     tasks: dict[str, int] = {}
 
-    def report(description: str, done: int, total: int) -> None:
+    def report(description: str, done: int, total: int, loss: float | None = None) -> None:
+        phase = tracker.update(description, done, total, loss)
+        note(phase)
+        if not live:
+            plain.show(phase)
+            return
         if not tasks:
             progress.start()
         if description not in tasks:

@@ -55,7 +55,7 @@ def run_demo(*, model: str = "tiny-mask-rcnn", run: Path = Path("runs/demo"), w_
     def step(label: str, fn, metrics=False):
         start = time.perf_counter()
         with stage_progress() as report:
-            out = fn(lambda *a: report(f"{label}: {a[0]}" if len(a) == 3 else label, *a[-2:]))
+            out = fn(lambda *a, **kw: report(f"{label}: {a[0]}" if len(a) == 3 else label, *a[-2:], **kw))
         seconds = round(time.perf_counter() - start, 1)
         if metrics:  # an EvalResult
             rows.append(StageRow(label, seconds, out.metrics, note="cached" if out.reused else ""))

@@ -12,6 +12,7 @@ from safetensors import safe_open
 from aphq_cli.artifacts import read_header, sha256_file
 from aphq_cli.errors import AphqError
 from aphq_cli.headers import stage_record
+from aphq_cli.progress import describe, read_record
 from aphq_cli.runs import ModelSource, STAGES, check_recorded_model, read_stage, stage_path, upstream_changes
 
 
@@ -70,6 +71,22 @@ class StageStatus:
     current: bool | None = None
     detail: str = ""
     created: str = ""
+    progress: dict | None = None  # the run's progress record, when this stage is (or was) being made
+
+    @property
+    def state(self) -> str:
+        """``running``, ``stopped`` (its process is gone), ``missing``, ``damaged``, ``current`` or ``stale``."""
+        if self.progress is not None:
+            return self.progress["state"]
+        if not self.exists:
+            return "missing"
+        if self.detail.startswith("damaged:"):
+            return "damaged"
+        return "current" if self.current else "stale"
+
+    def to_json(self) -> dict:
+        return {"stage": self.stage, "state": self.state, "exists": self.exists, "current": self.current,
+                "made": self.created, "detail": self.detail, "progress": self.progress}
 
 
 def _may_read(model: str, trust_config: bool) -> bool:
@@ -84,45 +101,50 @@ def run_status(run: Path, trust_config: bool = False) -> list[StageStatus]:
     """Each pipeline stage of ``run``: present, current or stale (which input changed), progress."""
     if not Path(run).is_dir():
         raise AphqError(f"run folder {run} does not exist")
-    out = []
-    for stage in STAGES:
-        path = stage_path(run, stage)
-        partial = _blocks_done(run, stage)
-        if not path.is_file():
-            out.append(StageStatus(stage, False, detail=partial or "not run"))
-            continue
-        unread = ""
-        try:
-            header, made = read_stage(run, stage)
-        except AphqError as damaged:  # an edited, truncated, foreign or malformed file: never call it current
-            out.append(StageStatus(stage, True, False, f"damaged: {damaged}"))
-            continue
-        changed = []
-        ckpt = Path(made.checkpoint)
-        if not ckpt.is_file() or sha256_file(ckpt) != header.inputs.get("checkpoint"):
-            changed.append("checkpoint")
-        elif not _may_read(made.model, trust_config):
-            unread = made.model  # reading a config file runs it: not for a status line
-        else:
-            try:
-                source = ModelSource.open(made.model, ckpt, Path(made.data) if made.data else None)
-                dataset = source.calibration_dataset(made.calib_split or "train", image_ids=made.image_ids)
-                if source.fingerprints(dataset)["data"] != header.inputs.get("data"):
-                    changed.append("data")
-            except AphqError:
-                changed.append("data")
-        changed += upstream_changes(run, stage, header)
-        protocol = made.protocol
-        images = "published val-split images" if protocol == "val" else f"images: {protocol}"
-        detail = f"{made.model}, checkpoint {ckpt.name}, {len(made.image_ids)} image(s) ({images})"
-        if made.calibrate is not None:
-            detail += f", W{made.w_bits}A{made.a_bits}"
-        if changed:
-            detail += "; changed since: " + ", ".join(changed)
-        if unread:
-            detail += f"; data not checked: model config {unread} is Python (pass --trust-config to read it)"
-        out.append(StageStatus(stage, True, not changed, detail, header.created))
+    out = [_stage_status(run, stage, trust_config) for stage in STAGES]
+    record = read_record(run)
+    for status in out:
+        if record is not None and record.get("stage") == status.stage:
+            status.progress = record
+            status.detail = describe(record) + (f"; {status.detail}" if status.detail != "not run" else "")
     return out
+
+
+def _stage_status(run: Path, stage: str, trust_config: bool) -> StageStatus:
+    """One stage of ``run``: missing (with the blocks a resumable stage finished), damaged, current or stale."""
+    path = stage_path(run, stage)
+    if not path.is_file():
+        return StageStatus(stage, False, detail=_blocks_done(run, stage) or "not run")
+    unread = ""
+    try:
+        header, made = read_stage(run, stage)
+    except AphqError as damaged:  # an edited, truncated, foreign or malformed file: never call it current
+        return StageStatus(stage, True, False, f"damaged: {damaged}")
+    changed = []
+    ckpt = Path(made.checkpoint)
+    if not ckpt.is_file() or sha256_file(ckpt) != header.inputs.get("checkpoint"):
+        changed.append("checkpoint")
+    elif not _may_read(made.model, trust_config):
+        unread = made.model  # reading a config file runs it: not for a status line
+    else:
+        try:
+            source = ModelSource.open(made.model, ckpt, Path(made.data) if made.data else None)
+            dataset = source.calibration_dataset(made.calib_split or "train", image_ids=made.image_ids)
+            if source.fingerprints(dataset)["data"] != header.inputs.get("data"):
+                changed.append("data")
+        except AphqError:
+            changed.append("data")
+    changed += upstream_changes(run, stage, header)
+    protocol = made.protocol
+    images = "published val-split images" if protocol == "val" else f"images: {protocol}"
+    detail = f"{made.model}, checkpoint {ckpt.name}, {len(made.image_ids)} image(s) ({images})"
+    if made.calibrate is not None:
+        detail += f", W{made.w_bits}A{made.a_bits}"
+    if changed:
+        detail += "; changed since: " + ", ".join(changed)
+    if unread:
+        detail += f"; data not checked: model config {unread} is Python (pass --trust-config to read it)"
+    return StageStatus(stage, True, not changed, detail, header.created)
 
 
 def _blocks_done(run: Path, stage: str) -> str:

@@ -2,9 +2,10 @@
 
 mmcv-full's ops are a compiled extension, built against the installed torch
 and, on a GPU machine, a matching CUDA toolkit. aphq installs mmcv-full
-without them (pure Python, no compiler) and, before mmcv's ops are first
-imported, puts this stand-in for the extension in ``sys.modules`` of its own
-process (the installed mmcv is never changed). The few functions aphq's
+without them (pure Python, no compiler) and answers the import of the
+extension in its own process with this stand-in (a finder first on
+``sys.meta_path``, set on ``import aphq_cli``; the installed mmcv is never
+changed). The few functions aphq's
 detectors call come from :mod:`aphq_cli.mmcv_ops` (torchvision's kernels, with
 mmcv's semantics); any other compiled op is taken from a compiled mmcv when
 one is installed, and otherwise raises one sentence naming it.
@@ -17,6 +18,7 @@ served function, by which time mmcv has imported torch anyway.
 from __future__ import annotations
 
 import importlib
+import importlib.abc
 import importlib.machinery
 import importlib.util
 import sys
@@ -71,16 +73,28 @@ def _compiled() -> types.ModuleType | None:
     return _COMPILED[0]
 
 
+class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Answers the import of ``mmcv._ext`` with a :class:`ServedExt` (first on ``sys.meta_path``)."""
+
+    def find_spec(self, fullname, path, target=None):
+        return importlib.util.spec_from_loader(fullname, self) if fullname == "mmcv._ext" else None
+
+    def create_module(self, spec):
+        return ServedExt(spec.name, __doc__)
+
+    def exec_module(self, module) -> None:
+        pass
+
+
 def serve() -> bool:
-    """Put the stand-in in place unless mmcv's ops were imported already. Idempotent.
+    """From now on, an import of ``mmcv._ext`` (mmcv's ops import it) gives the stand-in. Idempotent.
 
     Returns:
-        True when mmcv's ops use the served functions.
+        False when mmcv's compiled ops were imported already (too late to serve them).
     """
-    current = sys.modules.get("mmcv._ext")
-    if isinstance(current, ServedExt):
+    if any(isinstance(f, _Finder) for f in sys.meta_path):
         return True
-    if current is not None or "mmcv.ops" in sys.modules:  # too late: mmcv holds its own ops already
+    if "mmcv._ext" in sys.modules:
         return False
-    sys.modules["mmcv._ext"] = ServedExt("mmcv._ext", __doc__)
+    sys.meta_path.insert(0, _Finder())
     return True

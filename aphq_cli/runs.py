@@ -18,7 +18,7 @@ from typing import Iterator
 
 import torch
 
-from aphq_cli import distributed
+from aphq_cli import distributed, progress
 from aphq_cli.artifacts import (atomic_write_bytes, load_artifact, read_header, remove_stale_temps, sha256_file,
                                 sha256_json)
 from aphq_cli.data.coco import build_dataset, build_loader, calibration_dataset, fingerprint_dataset, to_device
@@ -48,9 +48,12 @@ def prepare_run(run: Path) -> Path:
     probe = atomic_write_bytes(run / f".aphq-write-check-{os.getpid()}", b"")  # per process: torchrun ranks
     probe.unlink()
     if _SCOPES:
-        _SCOPES[-1].enter_context(run_lock(run))
+        scope, stage = _SCOPES[-1]
+        scope.enter_context(run_lock(run))
         # The folder is ours now: what killed writers left in it goes (their temp files).
         remove_stale_temps(run, recursive=True)
+        if distributed.is_main():  # one progress record per run folder, for `aphq status` in another shell
+            scope.enter_context(progress.recording(run, stage))
     return run
 
 
@@ -104,7 +107,7 @@ def run_lock(run: Path) -> Iterator[Path]:
         os.close(fd)  # closing the descriptor releases the lock
 
 
-_SCOPES: list[contextlib.ExitStack] = []  # open @writes_run calls, innermost last
+_SCOPES: list[tuple[contextlib.ExitStack, str]] = []  # open @writes_run calls and their stages, innermost last
 
 
 def writes_run(stage_fn):
@@ -117,7 +120,7 @@ def writes_run(stage_fn):
     @functools.wraps(stage_fn)
     def locked(*args, **kwargs):
         with contextlib.ExitStack() as scope:
-            _SCOPES.append(scope)
+            _SCOPES.append((scope, stage_fn.__name__.replace("_", "-")))
             try:
                 return stage_fn(*args, **kwargs)
             finally:

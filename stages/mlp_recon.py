@@ -135,7 +135,7 @@ def train_block(mlp: nn.Module, cache, entry: str, aph, aph_entry: str, count: i
         if (step + 1) % max(1, config.iters // 10) == 0:
             losses.append(loss.item())
         if progress is not None:
-            progress(step + 1, config.iters)
+            progress(step + 1, config.iters, loss.detach())
     return losses
 
 
@@ -198,7 +198,7 @@ def mlp_recon(*, model: str, run: Path, iters: int | None = None, images: int | 
         return stage.reused()
     source, config, dataset, inputs = stage.source, stage.config, stage.dataset, stage.inputs
 
-    report = progress or (lambda *a: None)
+    report = progress or (lambda *a, **kw: None)
     device = distributed.init(device)
     detector = source.build(device)
     blocks = swin_blocks(detector)
@@ -237,7 +237,8 @@ def mlp_recon(*, model: str, run: Path, iters: int | None = None, images: int | 
             mlp.act = nn.ReLU()
             with torch.enable_grad():
                 losses = train_block(mlp, io_cache, name, aph, name, len(images), ubs[name], config,
-                                     config.seed * 1000 + index, lambda d, t, name=name: report(f"train {name}", d, t))
+                                     config.seed * 1000 + index,
+                                     lambda d, t, value, name=name: report(f"train {name}", d, t, loss=value))
             tensors = {f"{name}.mlp.{k}": v.detach().clone() for k, v in mlp.state_dict().items()}
             tensors[f"{name}.ub"] = torch.tensor(ubs[name])
             part = header.with_fields(block=name, losses=losses, total_blocks=len(blocks))

@@ -255,7 +255,7 @@ def reconstruct_unit(unit: nn.Module, caches: "UnitCaches", k: int, weights, con
                 # regularizer's scale is the number of weights, which would swamp it).
                 losses.append(float(rec.detach() / first))
             if progress is not None:
-                progress(step + 1, config.iters, loss.item())
+                progress(step + 1, config.iters, loss.detach())
     finally:
         with torch.no_grad():
             for layer in layers:
@@ -423,7 +423,7 @@ def reconstruct(*, run: Path, loss: str | None = None, iters: int | None = None,
     detector, _, _ = load_stage(run, "calibrate", dev, trust_checkpoint=trust_checkpoint,
                                     trust_config=trust_config)
 
-    report = progress or (lambda *a: None)
+    report = progress or (lambda *a, **kw: None)
     # The teacher is the original float model (GELU), also after mlp-recon, as in the
     # published code: its float inputs, targets and APH weights, so reconstruction can
     # win back what the GELU -> ReLU swap cost. The quantized model keeps the ReLU MLPs.
@@ -464,7 +464,7 @@ def reconstruct(*, run: Path, loss: str | None = None, iters: int | None = None,
             if main:  # the optimization itself runs on one rank; the others wait for its result
                 label = f"unit {k + 1}/{len(units)} {name}"
                 losses = reconstruct_unit(unit, caches, k, weights, config, config.seed * 1000 + k,
-                                          lambda s, t, value: report(label, s, t),
+                                          lambda s, t, value: report(label, s, t, loss=value),
                                           head_loss=head.loss if head else None)
                 part = header.with_fields(unit=name, losses=losses, total_blocks=len(units))
                 save_artifact(path, {f"{name}.{key}": v.detach().clone() for key, v in unit.state_dict().items()},

@@ -26,8 +26,9 @@ FAST = ["--calib-images", "1"]
 FAST_SETTINGS = {"eq_n": 16, "matmul_eq_n": 4, "search_round": 1, "max_windows": 8}
 
 
-# A progress bar's line: its bar, or (a bar not yet drawn) its count and times.
-_PROGRESS = re.compile(r"━|\s\d+/\d+\s+\d+:\d\d:\d\d")
+# A progress line: a bar, a bar not yet drawn (its count and times), or (stderr not a terminal) a
+# timestamped plain line.
+_PROGRESS = re.compile(r"━|\s\d+/\d+\s+\d+:\d\d:\d\d|^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ")
 
 
 def _one_sentence(result, *fragments):
