@@ -254,8 +254,8 @@ def reconstruct_unit(unit: nn.Module, caches: "UnitCaches", k: int, weights, con
                 # The reconstruction term alone, relative to the first step's (the rounding
                 # regularizer's scale is the number of weights, which would swamp it).
                 losses.append(float(rec.detach() / first))
-            if progress is not None:
-                progress(step + 1, config.iters, loss.detach())
+            if progress is not None:  # the reconstruction error relative to the first step (as recorded)
+                progress(step + 1, config.iters, rec.detach() / first)
     finally:
         with torch.no_grad():
             for layer in layers:
