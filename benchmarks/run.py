@@ -368,6 +368,15 @@ def write_markdown(args, steps: list[Step], summary: dict, commands: list[dict],
     return "\n".join(lines)
 
 
+READING = "\n## Reading"
+
+
+def kept_reading(out: Path) -> str:
+    """The hand-written ``## Reading`` section at the end of ``out`` (what the numbers say), carried over."""
+    old = out.read_text() if out.is_file() else ""
+    return old[old.index(READING) + 1:] if READING in old else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=list(TESTBED))
@@ -441,7 +450,8 @@ def main(argv: list[str] | None = None) -> int:
     png = out.with_suffix(".png")
     plot(summary, png)
     text = write_markdown(args, steps, summary, commands, checkpoints).replace("results.png", png.name)
-    atomic_write_text(out, text)
+    reading = kept_reading(out)
+    atomic_write_text(out, text + ("\n" + reading if reading else ""))
     atomic_write_text(out.with_suffix(".json"), json.dumps(
         {"commands": commands, "checkpoints": checkpoints, "summary": summary,
          "steps": [asdict(s) for s in steps]}, indent=2) + "\n")
