@@ -20,6 +20,9 @@ from aphq_cli.progress import PlainLog, Tracker, note
 
 # Under torchrun only rank 0 talks: K progress bars on one terminal would be noise.
 err = Console(stderr=True, quiet=int(os.environ.get("RANK", "0")) > 0)
+if not err.is_terminal and "COLUMNS" not in os.environ:
+    # A log file has no width: rich's guess of 80 columns would fold a sentence over two lines.
+    err.width = 200
 
 
 @contextlib.contextmanager

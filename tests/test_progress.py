@@ -91,3 +91,14 @@ def test_status_shows_a_running_stage_and_a_killed_one(calibrated_run, tmp_path)
     assert reconstruct["state"] == "stopped" and f"process {child.pid} is gone" in reconstruct["detail"]
     table = CliRunner().invoke(app, ["status", "--run", str(calibrated_run)])
     assert table.exit_code == 0 and "stopped" in table.output
+
+
+def test_a_sentence_in_a_log_file_is_not_folded_at_80_columns(tmp_path):
+    sentence = "export 2.14 MiB; float checkpoint " + "x" * 90 + " (3.2x larger)"
+    log = tmp_path / "log"
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    with open(log, "w") as sink:
+        subprocess.run([sys.executable, "-c", f"from aphq_cli.console import err; err.print({sentence!r})"],
+                       stderr=sink, env=env, check=True)
+    lines = [line for line in log.read_text().splitlines() if sentence[:20] in line]
+    assert lines == [sentence]
