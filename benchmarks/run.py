@@ -275,7 +275,9 @@ def loss_panels(summary: dict) -> list[tuple[str, list[tuple[str, dict]]]]:
 
     Each quantized setting (``W4A4 aph``) goes to its model's panel for that
     bit-width; breakdown rows (``..., float heads``) and the export stay out,
-    so each panel holds methods that differ only in what is compared.
+    so each panel holds methods that differ only in what is compared. Within
+    a panel the rows go by method, then variant (the current code first), so
+    that one method's variants stand next to each other.
     """
     panels: dict[str, list[tuple[str, dict]]] = {}
     for model, rows in summary.items():
@@ -284,7 +286,12 @@ def loss_panels(summary: dict) -> list[tuple[str, list[tuple[str, dict]]]]:
             if not (tag.startswith("W") and "A" in tag) or "," in method or method.startswith("export"):
                 continue
             panels.setdefault(f"{model} {tag}", []).append((method, row))
-    return list(panels.items())
+
+    def order(entry: tuple[str, dict]) -> tuple[int, str]:
+        base, _, variant = entry[0].partition(" [")
+        return (METHODS.index(base) if base in METHODS else len(METHODS), variant)
+
+    return [(title, sorted(entries, key=order)) for title, entries in panels.items()]
 
 
 def plot(summary: dict, path: Path) -> None:
@@ -302,12 +309,10 @@ def plot(summary: dict, path: Path) -> None:
     panels = loss_panels(summary)
     if not panels:
         return
-    cols = min(3, len(panels))
-    rows_n = -(-len(panels) // cols)
-    fig, axes = plt.subplots(rows_n, cols, figsize=(5.2 * cols, 0.5 + 0.55 * max(len(p) for _, p in panels) * rows_n
-                                                     + 1.2 * rows_n), squeeze=False)
-    for ax in axes.flat[len(panels):]:
-        ax.set_visible(False)
+    # One panel under the other, each as tall as its rows, so every row gets the same space.
+    sizes = [len(entries) for _, entries in panels]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(8.5, 0.38 * sum(sizes) + 1.1 * len(panels)), squeeze=False,
+                             gridspec_kw={"height_ratios": [n + 2 for n in sizes]})
     for ax, (title, entries) in zip(axes.flat, panels):
         model = title.split(" ")[0]
         fp = summary[model].get("FP")
@@ -326,7 +331,7 @@ def plot(summary: dict, path: Path) -> None:
         ax.axvline(0, color="k", lw=0.8)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("AP minus float AP (points)" if fp else "AP (%)")
-        ax.legend(fontsize=7, loc="lower left")
+        ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
