@@ -170,6 +170,18 @@ def _ensure_folder(folder: Path) -> None:
         raise AphqError(f"cannot create folder {folder}: {e.strerror}") from e
 
 
+# Temp files this process is writing now (see atomic_write_bytes).
+_OWN_TEMPS: set[Path] = set()
+
+
+def remove_own_temps() -> None:
+    """Remove the temp files of writes this process had under way (after an interrupt)."""
+    for tmp in list(_OWN_TEMPS):
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        _OWN_TEMPS.discard(tmp)
+
+
 def _temp_path(target: Path) -> Path:
     """Names a temporary sibling of ``target`` that readers never open."""
     return target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
@@ -217,22 +229,28 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     # What a killed earlier writer of this same file left: the new write replaces it anyway.
     remove_stale_temps(folder, min_age_s=0, target=target.name)
     tmp = _temp_path(target)
+    # Registered before it exists: an interrupt (Ctrl-C, SIGTERM) can land between any two
+    # bytecodes, even after os.open created the file and before the try below is entered;
+    # remove_own_temps() then finds it.
+    _OWN_TEMPS.add(tmp)
     try:
-        # O_EXCL: never clobber another writer's temp; 0o666 lets the umask
-        # decide the final mode, as for any ordinary file.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    except OSError as e:
-        raise AphqError(f"cannot write to folder {folder}: {e.strerror}") from e
-    try:
+        try:
+            # O_EXCL: never clobber another writer's temp; 0o666 lets the umask
+            # decide the final mode, as for any ordinary file.
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except OSError as e:
+            raise AphqError(f"cannot write to folder {folder}: {e.strerror}") from e
         try:
             _write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, target)
+        _OWN_TEMPS.discard(tmp)
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        _OWN_TEMPS.discard(tmp)  # not before: a second interrupt above leaves it to remove_own_temps
         if isinstance(e, OSError):
             reason = e.strerror or os.strerror(e.errno or errno.EIO)
             raise AphqError(

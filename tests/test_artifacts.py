@@ -405,3 +405,41 @@ def test_the_write_time_is_not_part_of_the_meaning(tmp_path):
         meta = f.metadata()
     save_file(load_file(str(path)), str(path), metadata=dict(meta, **{"aphq.created": "2020-01-01T00:00:00+00:00"}))
     assert read_header(path).created.startswith("2020")
+
+
+def _interrupt_after_open(monkeypatch):
+    """os.open that creates the temp file and is then interrupted (a signal right after the syscall)."""
+    import aphq_cli.artifacts as artifacts
+
+    real_open = os.open
+
+    def open_then_interrupt(*args, **kwargs):
+        os.close(real_open(*args, **kwargs))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(artifacts.os, "open", open_then_interrupt)
+
+
+def test_an_interrupt_right_after_the_temp_is_created_leaves_no_temp(tmp_path, monkeypatch):
+    from aphq_cli.artifacts import atomic_write_text
+
+    (tmp_path / "DONE").write_text("old")
+    _interrupt_after_open(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write_text(tmp_path / "DONE", "new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["DONE"]
+    assert (tmp_path / "DONE").read_text() == "old"
+
+
+def test_a_second_interrupt_during_cleanup_leaves_the_temp_to_remove_own_temps(tmp_path, monkeypatch):
+    import aphq_cli.artifacts as artifacts
+
+    _interrupt_after_open(monkeypatch)
+    real_unlink = os.unlink
+    monkeypatch.setattr(artifacts.os, "unlink", lambda path: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        artifacts.atomic_write_text(tmp_path / "DONE", "new")
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")], "the cleanup was interrupted"
+    monkeypatch.setattr(artifacts.os, "unlink", real_unlink)
+    artifacts.remove_own_temps()  # what the CLI does on Ctrl-C and SIGTERM
+    assert list(tmp_path.iterdir()) == []
