@@ -170,18 +170,6 @@ def _ensure_folder(folder: Path) -> None:
         raise AphqError(f"cannot create folder {folder}: {e.strerror}") from e
 
 
-# Temp files this process is writing now (see atomic_write_bytes).
-_OWN_TEMPS: set[Path] = set()
-
-
-def remove_own_temps() -> None:
-    """Remove the temp files of writes this process had under way (after an interrupt)."""
-    for tmp in list(_OWN_TEMPS):
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        _OWN_TEMPS.discard(tmp)
-
-
 def _temp_path(target: Path) -> Path:
     """Names a temporary sibling of ``target`` that readers never open."""
     return target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
@@ -229,10 +217,8 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     # What a killed earlier writer of this same file left: the new write replaces it anyway.
     remove_stale_temps(folder, min_age_s=0, target=target.name)
     tmp = _temp_path(target)
-    # Registered before it exists: an interrupt (Ctrl-C, SIGTERM) can land between any two
-    # bytecodes, even after os.open created the file and before the try below is entered;
-    # remove_own_temps() then finds it.
-    _OWN_TEMPS.add(tmp)
+    # The create is inside the cleanup's try: an interrupt (Ctrl-C, SIGTERM) can land on any
+    # bytecode, including the one right after os.open made the file.
     try:
         try:
             # O_EXCL: never clobber another writer's temp; 0o666 lets the umask
@@ -246,11 +232,9 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
         finally:
             os.close(fd)
         os.replace(tmp, target)
-        _OWN_TEMPS.discard(tmp)
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        _OWN_TEMPS.discard(tmp)  # not before: a second interrupt above leaves it to remove_own_temps
         if isinstance(e, OSError):
             reason = e.strerror or os.strerror(e.errno or errno.EIO)
             raise AphqError(

@@ -59,7 +59,6 @@ def user_errors(fn: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         from rich.markup import escape
 
-        from aphq_cli.artifacts import remove_own_temps
         from aphq_cli.console import err
 
         try:
@@ -70,8 +69,6 @@ def user_errors(fn: Callable) -> Callable:
             err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code)
         except KeyboardInterrupt as stop:
-            # A write the interrupt cut short may have left its temp file (finished files are whole).
-            remove_own_temps()
             how = "SIGTERM" if isinstance(stop, Terminated) else "Ctrl-C"
             err.print(f"[bold red]interrupted:[/] stopped by {how}; finished work was kept", soft_wrap=True)
             raise typer.Exit(EXIT_TERMINATED if isinstance(stop, Terminated) else EXIT_INTERRUPTED)

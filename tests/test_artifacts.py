@@ -430,16 +430,3 @@ def test_an_interrupt_right_after_the_temp_is_created_leaves_no_temp(tmp_path, m
     assert sorted(p.name for p in tmp_path.iterdir()) == ["DONE"]
     assert (tmp_path / "DONE").read_text() == "old"
 
-
-def test_a_second_interrupt_during_cleanup_leaves_the_temp_to_remove_own_temps(tmp_path, monkeypatch):
-    import aphq_cli.artifacts as artifacts
-
-    _interrupt_after_open(monkeypatch)
-    real_unlink = os.unlink
-    monkeypatch.setattr(artifacts.os, "unlink", lambda path: (_ for _ in ()).throw(KeyboardInterrupt()))
-    with pytest.raises(KeyboardInterrupt):
-        artifacts.atomic_write_text(tmp_path / "DONE", "new")
-    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")], "the cleanup was interrupted"
-    monkeypatch.setattr(artifacts.os, "unlink", real_unlink)
-    artifacts.remove_own_temps()  # what the CLI does on Ctrl-C and SIGTERM
-    assert list(tmp_path.iterdir()) == []
