@@ -14,7 +14,9 @@ continues after the last one, ending with the result of an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -29,7 +31,8 @@ from aphq_cli.devices import resolve_device
 from aphq_cli.errors import AphqError
 from aphq_cli.models.heads import float_head_inputs, head_units
 from aphq_cli.models.plan import RPN_TASK, units_of
-from aphq_cli.quant.adaround import beta_schedule, init_alpha, qdrop_mix, rounding_regularizer, soft_quantize_weight
+from aphq_cli.quant.adaround import (beta_schedule, init_alpha, qdrop_mix, rounding_regularizer, soft_quantize_floor,
+                                     soft_quantize_weight)
 from aphq_cli.quant.aph import block_fisher, ensure_block_aph
 from aphq_cli.quant.headloss import normalized_sum
 from aphq_cli.quant.modules import QuantConv2d, QuantLinear, Quantizer
@@ -114,21 +117,29 @@ LOSSES: dict[str, str] = {
 # "all" also drops on the attention-matmul operands and conv inputs (the image too).
 QDROP_SCOPES = ("linear", "all")
 
+# The parts of one reconstruction iteration a `timer` sees (benchmarks/iteration.py).
+PARTS = ("read", "mix", "forward", "loss", "backward", "step")
+
 # The kinds of head unit (aphq_cli/models/heads.py) that `head_kinds` may name.
 HEAD_KINDS = ("rpn", "box", "mask")
 
 
 class SoftRounding(nn.Module):
-    """Stands in for a layer's weight quantizer while its rounding is learned."""
+    """Stands in for a layer's weight quantizer while its rounding is learned.
+
+    The weight and its quantizer's scale are fixed meanwhile, so ``floor(W / s)``
+    is computed once (not a buffer: it never reaches an artifact).
+    """
 
     def __init__(self, quantizer: nn.Module, weight: torch.Tensor) -> None:
         super().__init__()
         self.quantizer = quantizer
         self.alpha = nn.Parameter(init_alpha(weight.detach(), quantizer.scale))
+        self.floor = torch.floor(weight.detach() / quantizer.scale)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         q = self.quantizer
-        return soft_quantize_weight(weight, q.scale, q.zero_point, q.bits, self.alpha)
+        return soft_quantize_floor(self.floor, q.scale, q.zero_point, q.bits, self.alpha)
 
     @torch.no_grad()
     def harden(self, weight: torch.Tensor) -> torch.Tensor:
@@ -181,7 +192,8 @@ def qdrop_quantizers(unit: nn.Module, scope: str) -> list[nn.Module]:
 
 def reconstruct_unit(unit: nn.Module, caches: "UnitCaches", k: int, weights, config: ReconstructConfig,
                      seed: int, progress: Callable[[int, int, float], None] | None = None,
-                     head_loss: Callable | None = None) -> list[float]:
+                     head_loss: Callable | None = None, timer: Callable[[str], contextlib.AbstractContextManager]
+                     | None = None) -> list[float]:
     """Learn rounding and activation scales of unit ``k`` from its cached inputs and targets.
 
     Afterwards the rounding is hard: each weight holds its quantized value.
@@ -193,6 +205,9 @@ def reconstruct_unit(unit: nn.Module, caches: "UnitCaches", k: int, weights, con
         head_loss: a head unit's ``(outputs, float outputs, record) -> {term: value}``
             (:mod:`aphq_cli.models.heads`); each term is normalized by its first
             non-zero value (:func:`~aphq_cli.quant.headloss.normalized_sum`).
+        timer: optional ``part -> context manager`` around each part of an iteration
+            (``read``, ``mix``, ``forward``, ``loss``, ``backward``, ``step``), for
+            benchmarks/iteration.py; None costs nothing.
 
     Returns:
         The loss every 10 % of the iterations.
@@ -202,6 +217,11 @@ def reconstruct_unit(unit: nn.Module, caches: "UnitCaches", k: int, weights, con
     if not layers and not acts:
         return []
     soft = {id(layer): SoftRounding(layer.w_quant, layer.weight) for layer in layers}
+    # Only the rounding variables and the activation scales learn: the unit's own weights, biases and
+    # norms are frozen, so backward computes no gradient for them (it used to: unused work).
+    frozen = [p for p in unit.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
     originals = {id(layer): layer.w_quant for layer in layers}
     for layer in layers:
         layer.w_quant = soft[id(layer)]
@@ -216,40 +236,61 @@ def reconstruct_unit(unit: nn.Module, caches: "UnitCaches", k: int, weights, con
     opt_w = torch.optim.Adam([s.alpha for s in soft.values()], lr=config.w_lr)
     opt_a = torch.optim.Adam(scales, lr=config.a_lr) if scales else None
     first, losses, firsts = None, [], {}
+    part = timer or _untimed
+
+    def read(i: int) -> tuple:
+        """Image i's cached tensors: float input, quantized-model input, target, head record, loss weight."""
+        return (_as_list(caches.fp_in(k, i)), _as_list(caches.q_in(k, i)), _as_list(caches.target(k, i)),
+                caches.extra(k, i) if head_loss is not None else None,
+                weights(i) if head_loss is None else None)
+
+    # The next image's entries are read while this one computes (reads are file loads and copies,
+    # no random numbers, so the result is the same); on a GPU they would otherwise stall it.
+    reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aphq-cache-read")
+    ahead = reader.submit(read, 0)
     try:
         for step in range(config.iters):
-            i = step % caches.count  # images in order, as the published code takes them
-            x_fp, x_q = _as_list(caches.fp_in(k, i)), _as_list(caches.q_in(k, i))
-            target = _as_list(caches.target(k, i))
-            x = [qdrop_mix(a, b, config.quant_ratio, gen) for a, b in zip(x_q, x_fp)]
+            with part("read"):  # the wait for what the read-ahead has not finished
+                x_fp, x_q, target, extra, weight = ahead.result()
+                if step + 1 < config.iters:  # images in order, as the published code takes them
+                    ahead = reader.submit(read, (step + 1) % caches.count)
+            with part("mix"):
+                x = [qdrop_mix(a, b, config.quant_ratio, gen) for a, b in zip(x_q, x_fp)]
             if head_loss is not None:
-                extra = caches.extra(k, i)
-                loss = normalized_sum(head_loss(_as_list(_run_unit(unit, x, extra)), target, extra), firsts)
+                with part("forward"):
+                    out = _as_list(_run_unit(unit, x, extra))
+                with part("loss"):
+                    loss = normalized_sum(head_loss(out, target, extra), firsts)
                 if loss is None:  # nothing to match on this image yet (no kept RoI, no detection)
                     continue
                 rec, first = loss.detach() / 2, 1.0  # recorded: the mean of the normalized terms
             else:
-                out = _as_list(_run_unit(unit, x if len(x) > 1 else x[0]))
-                rec = unit_loss(out, target, weights(i))
-                if first is None:
-                    first = rec.detach().clamp_min(1e-12)
-                loss = 2 * rec / first
-            beta = beta_schedule(step, config.iters, config.warmup)
-            if beta is not None:
-                loss = loss + config.reg_weight * sum(rounding_regularizer(s.alpha, beta) for s in soft.values())
-            if opt_a is not None:  # activation scales: cosine decay (method.md §6)
-                for g in opt_a.param_groups:
-                    g["lr"] = config.a_lr * 0.5 * (1 + math.cos(math.pi * step / config.iters))
-            opt_w.zero_grad()
-            if opt_a is not None:
-                opt_a.zero_grad()
-            loss.backward()
-            opt_w.step()
-            if opt_a is not None:
-                opt_a.step()
-                with torch.no_grad():
-                    for s in scales:
-                        s.clamp_(min=1e-8)
+                with part("forward"):
+                    out = _as_list(_run_unit(unit, x if len(x) > 1 else x[0]))
+                with part("loss"):
+                    rec = unit_loss(out, target, weight)
+                    if first is None:
+                        first = rec.detach().clamp_min(1e-12)
+                    loss = 2 * rec / first
+            with part("loss"):
+                beta = beta_schedule(step, config.iters, config.warmup)
+                if beta is not None:
+                    loss = loss + config.reg_weight * sum(rounding_regularizer(s.alpha, beta) for s in soft.values())
+            with part("backward"):
+                if opt_a is not None:  # activation scales: cosine decay (method.md §6)
+                    for g in opt_a.param_groups:
+                        g["lr"] = config.a_lr * 0.5 * (1 + math.cos(math.pi * step / config.iters))
+                opt_w.zero_grad()
+                if opt_a is not None:
+                    opt_a.zero_grad()
+                loss.backward()
+            with part("step"):
+                opt_w.step()
+                if opt_a is not None:
+                    opt_a.step()
+                    with torch.no_grad():
+                        for s in scales:
+                            s.clamp_(min=1e-8)
             if (step + 1) % max(1, config.iters // 10) == 0:
                 # The reconstruction term alone, relative to the first step's (the rounding
                 # regularizer's scale is the number of weights, which would swamp it).
@@ -257,15 +298,22 @@ def reconstruct_unit(unit: nn.Module, caches: "UnitCaches", k: int, weights, con
             if progress is not None:  # the reconstruction error relative to the first step (as recorded)
                 progress(step + 1, config.iters, rec.detach() / first)
     finally:
+        reader.shutdown(wait=True, cancel_futures=True)
         with torch.no_grad():
             for layer in layers:
                 layer.weight.copy_(soft[id(layer)].harden(layer.weight))
                 layer.w_quant = originals[id(layer)]
         for s in scales:
             s.requires_grad_(False)
+        for p in frozen:
+            p.requires_grad_(True)
         for q in dropping:
             q.keep_quantized = 1.0
     return losses
+
+
+def _untimed(part: str) -> contextlib.nullcontext:
+    return contextlib.nullcontext()
 
 
 def _fill(cache, entry: str, count: int, fn, progress=None) -> None:

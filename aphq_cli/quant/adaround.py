@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from aphq_cli.quant.primitives import below, clamp_mask, select
+
 ZETA, GAMMA = 1.1, -0.1  # rectified-sigmoid stretch
 
 
@@ -33,6 +35,44 @@ def soft_quantize_weight(weight: torch.Tensor, scale: torch.Tensor, zero_point: 
     return (q - zero_point) * scale
 
 
+def soft_quantize_floor(floor: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int,
+                        alpha: torch.Tensor) -> torch.Tensor:
+    """:func:`soft_quantize_weight` (soft) from ``floor(W / s)``, which stays fixed while ``alpha`` learns.
+
+    The same numbers, forward and backward (gradient for ``alpha`` only), as
+    the plain graph, in a fraction of its operations: see :class:`_SoftQuantize`.
+    """
+    return _SoftQuantize.apply(alpha, floor, scale, zero_point, bits)
+
+
+class _SoftQuantize(torch.autograd.Function):
+    """``((clamp(floor + h(alpha) + z, 0, Q) - z) s``, with the graph's gradient for ``alpha`` written out.
+
+    Backward is, in the graph's order, ``grad * s`` masked by the outer clamp,
+    masked by the clamp of ``h``, times ``zeta - gamma``, through the sigmoid:
+    the graph's numbers to the bit (but the sign of a zero), without its two
+    ``where`` (costly on CPU) and five saved intermediates.
+    """
+
+    @staticmethod
+    def forward(ctx, alpha, floor, scale, zero_point, bits):
+        y = torch.sigmoid(alpha)
+        h0 = y * (ZETA - GAMMA) + GAMMA  # rectified_sigmoid, with its clamp's mask kept
+        h = torch.clamp(h0, 0, 1)
+        inner = clamp_mask(h0, h, 0, 1)
+        t = floor + h + zero_point
+        c = t.clamp(0, 2 ** bits - 1)
+        outer = clamp_mask(t, c, 0, 2 ** bits - 1)
+        ctx.save_for_backward(y, inner.mul_(outer), scale)
+        return c.sub_(zero_point).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, mask, scale = ctx.saved_tensors
+        grad_h = (grad * scale).mul_(mask)
+        return torch.ops.aten.sigmoid_backward(grad_h * (ZETA - GAMMA), y), None, None, None, None
+
+
 def rounding_regularizer(alpha: torch.Tensor, beta: float) -> torch.Tensor:
     """``sum(1 - |2 h(alpha) - 1|^beta)``: zero once every ``h`` is exactly 0 or 1."""
     return (1 - (2 * rectified_sigmoid(alpha) - 1).abs().pow(beta)).sum()
@@ -53,5 +93,5 @@ def beta_schedule(step: int, total: int, warmup: float = 0.2, start: float = 20.
 def qdrop_mix(x_q: torch.Tensor, x_fp: torch.Tensor, prob_q: float, generator: torch.Generator | None = None
               ) -> torch.Tensor:
     """Each element from ``x_q`` with probability ``prob_q``, else from ``x_fp``."""
-    keep = torch.rand(x_q.shape, generator=generator, device=x_q.device) < prob_q
-    return torch.where(keep, x_q, x_fp)
+    keep = below(torch.rand(x_q.shape, generator=generator, device=x_q.device), prob_q)
+    return select(keep, x_q, x_fp)

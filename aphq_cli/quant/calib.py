@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from aphq_cli.errors import AphqError
-from aphq_cli.quant.modules import QuantConv2d, QuantMatMul
-from aphq_cli.quant.primitives import matmul_percentiles, search_matmul, search_rowwise
+from aphq_cli.quant.modules import QuantConv2d, QuantMatMul, Quantizer
+from aphq_cli.quant.primitives import matmul_percentiles, qmax, search_matmul, search_rowwise
 from aphq_cli.quant.plan import QuantPlan
 from aphq_cli.quant.wrap import fold_channel_scales, quant_layers, reparam_factors
 
@@ -165,3 +165,34 @@ def calibrate_model(model: nn.Module, plan: QuantPlan, batches, settings: Search
         if progress is not None:
             progress(i + 1, len(layers))
     return folded
+
+
+@torch.no_grad()
+def minmax_calibrate(module: nn.Module, x) -> None:
+    """Every quantizer of ``module`` from the min and max of what it sees on one forward of ``x``.
+
+    Not the method's search (:func:`calibrate_model`): a quick stand-in for
+    timing an iteration and for tests, where the scales only need to be
+    plausible. Each quantizer reduces over the dimensions its scale is
+    broadcast along (per tensor, per output channel, per head); the range
+    keeps 0 inside it, as the search's candidates do.
+    """
+    seen: dict[Quantizer, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def record(q: Quantizer, args: tuple) -> None:
+        v = args[0]
+        shape = (1,) * (v.dim() - q.scale.dim()) + tuple(q.scale.shape)  # the scale, as broadcast against v
+        over = [d for d in range(v.dim()) if shape[d] == 1]
+        lo = v.amin(dim=over, keepdim=True).clamp(max=0).reshape(q.scale.shape)
+        hi = v.amax(dim=over, keepdim=True).clamp(min=0).reshape(q.scale.shape)
+        scale = ((hi - lo) / qmax(q.bits)).clamp_min(1e-8)
+        seen[q] = (scale, torch.round(-lo / scale))
+
+    handles = [m.register_forward_pre_hook(record) for m in module.modules() if isinstance(m, Quantizer)]
+    try:
+        module(tuple(x) if isinstance(x, (list, tuple)) else x)
+    finally:
+        for h in handles:
+            h.remove()
+    for q, (scale, zero_point) in seen.items():
+        q.set_params(scale, zero_point)

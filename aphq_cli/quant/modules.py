@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aphq_cli.quant.primitives import fake_quantize
+from aphq_cli.quant.primitives import below, fake_quantize, select
 
 
 class Quantizer(nn.Module):
@@ -45,7 +45,7 @@ class Quantizer(nn.Module):
             return x
         q = fake_quantize(x, self.scale, self.zero_point, self.bits)
         if self.keep_quantized < 1:
-            q = torch.where(torch.rand_like(x) < self.keep_quantized, q, x)
+            q = select(below(torch.rand_like(x), self.keep_quantized), q, x)
         return q
 
     def extra_repr(self) -> str:

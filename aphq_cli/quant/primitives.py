@@ -7,6 +7,8 @@ against a ``(C, K)`` weight) and per-head (``(1, H, 1, 1)``) quantizers.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -28,8 +30,98 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
         # point: the difference is exact by Sterbenz's lemma), so the result is the same.
         q = x / scale
         return q.round_().add_(zero_point).clamp_(0, qmax(bits)).sub_(zero_point).mul_(scale)
-    q = torch.clamp(round_ste(x / scale) + zero_point, 0, qmax(bits))
-    return (q - zero_point) * scale
+    if zero_point.requires_grad:  # never learned here; the plain graph keeps it correct if it ever is
+        q = torch.clamp(round_ste(x / scale) + zero_point, 0, qmax(bits))
+        return (q - zero_point) * scale
+    return _FakeQuantize.apply(x, scale, zero_point, bits)
+
+
+@functools.cache
+def clamp_passes_bounds() -> bool:
+    """Whether this torch's ``clamp`` passes the gradient at a value equal to a bound.
+
+    It is a subgradient choice that has changed between torch releases (2.x
+    before 2.14 passes it, 2.14 does not); the fused quantizers follow the
+    running torch so their numbers stay the plain graph's.
+    """
+    with torch.enable_grad():
+        t = torch.tensor([0.0, 1.0], requires_grad=True)
+        (grad,) = torch.autograd.grad(t.clamp(0, 1).sum(), t)
+    return bool((grad == 1).all())
+
+
+def clamp_mask(t: torch.Tensor, c: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """Where ``clamp(t, lo, hi)`` (``c``) passes its gradient, as float 1.0/0.0; ``t`` is consumed.
+
+    Float arithmetic only: on CPU a comparison, ``where`` or a bool mask costs
+    5 to 35 times a multiplication. ``t - c`` is exactly zero only when they
+    are equal (IEEE subtraction, gradual underflow), and ``t - lo`` is
+    positive exactly when ``t > lo``, so the signs give the comparisons.
+    """
+    if clamp_passes_bounds():  # lo <= t <= hi: where the clamp left t alone
+        return t.sub_(c).abs_().sign_().neg_().add_(1)
+    above = (t - lo).sign_().clamp_(min=0)  # lo < t < hi
+    return t.neg_().add_(hi).sign_().clamp_(min=0).mul_(above)
+
+
+class _FakeQuantize(torch.autograd.Function):
+    """:func:`fake_quantize` with its gradients written out: the graph's numbers, far fewer operations.
+
+    The plain graph ``(clamp(round_ste(x / s) + z, 0, Q) - z) * s`` records six
+    nodes per quantizer, and the clamp's backward is a ``where``, the costliest
+    operation of a reconstruction iteration on CPU. This computes the same
+    forward values and, in backward, the same products in the same order as
+    those nodes (``grad * s``, masked by the clamp, ``/ s`` for ``x``;
+    ``grad * (c - z)`` plus ``-grad_t * ((x / s) / s)`` summed to the scale's
+    shape for ``s``), so the results are the graph's to the bit, except the
+    sign of a zero (a masked gradient is ``0 * g`` here, ``+0`` there).
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, bits):
+        v = x / scale
+        t = torch.round(v).add_(zero_point)
+        c = t.clamp(0, qmax(bits))
+        mask = clamp_mask(t, c, 0, qmax(bits))
+        a = c.sub_(zero_point)
+        out = a * scale
+        if ctx.needs_input_grad[1]:
+            ctx.save_for_backward(scale, mask, v, a)
+        else:
+            ctx.save_for_backward(scale, mask)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        scale, mask = ctx.saved_tensors[:2]
+        # mask first: the product takes its memory layout, as the graph's `where` does, so the
+        # scale's gradient below is summed in the same order (a transposed matmul operand).
+        grad_t = mask * (grad * scale)
+        grad_x = grad_t / scale if ctx.needs_input_grad[0] else None
+        grad_s = None
+        if ctx.needs_input_grad[1]:
+            v, a = ctx.saved_tensors[2:]
+            grad_s = (grad * a).sum_to_size(scale.shape) + (grad_t.neg_() * (v / scale)).sum_to_size(scale.shape)
+        return grad_x, grad_s, None, None
+
+
+def select(keep: torch.Tensor, q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``q`` where ``keep`` is 1.0, ``x`` where it is 0.0: ``torch.where`` to the bit, in one fused pass.
+
+    ``lerp`` computes ``end - (end - start) * (1 - w)`` for ``w >= 0.5`` and
+    ``start + w * (end - start)`` below, so a weight of exactly 1 or 0 gives
+    exactly ``q`` or ``x``; its gradients are ``grad * keep`` and ``grad * (1 - keep)``.
+    """
+    return torch.lerp(x, q, keep)
+
+
+def below(r: torch.Tensor, p: float) -> torch.Tensor:
+    """``(r < p)`` as float 1.0/0.0, in place on ``r``, without a bool tensor (see :func:`clamp_mask`).
+
+    ``p - r`` is positive exactly when ``r < p`` (the subtraction keeps the
+    sign), zero when equal, so its sign clamped at 0 is the comparison.
+    """
+    return r.neg_().add_(p).sign_().clamp_(min=0)
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from aphq_cli.quant.adaround import (beta_schedule, init_alpha, qdrop_mix, rectified_sigmoid, rounding_regularizer,
-                                     soft_quantize_weight)
+                                     soft_quantize_floor, soft_quantize_weight)
 
 
 def test_rectified_sigmoid_hand_values():
@@ -55,3 +55,16 @@ def test_qdrop_mix_takes_each_element_from_one_side():
     mixed = qdrop_mix(xq, xf, 0.5, gen)
     assert set(mixed.unique().tolist()) == {0.0, 1.0}
     assert abs(mixed.mean().item() - 0.5) < 0.02
+
+
+def test_soft_quantize_from_the_floor_is_the_plain_graph_to_the_bit():
+    """The fused soft rounding: the same weight and the same gradient for alpha as the plain graph."""
+    torch.manual_seed(0)
+    w = torch.randn(32, 48)
+    s, z = torch.rand(32, 1) * 0.2 + 0.02, torch.full((32, 1), 8.0)
+    alpha = (init_alpha(w, s) + torch.randn(32, 48) * 3).requires_grad_()  # some h pinned at 0 or 1
+    grad = torch.randn(32, 48)
+    plain = soft_quantize_weight(w, s, z, 4, alpha)
+    fused = soft_quantize_floor(torch.floor(w / s), s, z, 4, alpha)
+    assert torch.equal(plain, fused)
+    assert torch.equal(torch.autograd.grad(plain, alpha, grad)[0], torch.autograd.grad(fused, alpha, grad)[0])

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from aphq_cli.quant.primitives import (candidate_ranges, dequantize, fake_quantize, head_ranges,
-                                       matmul_percentiles, quantize, round_ste, row_quantile, search_rowwise)
+from aphq_cli.quant.primitives import (below, candidate_ranges, clamp_mask, dequantize, fake_quantize, head_ranges,
+                                       matmul_percentiles, quantize, round_ste, row_quantile, search_rowwise,
+                                       select)
 
 
 def _reference(x, s, z, bits):
@@ -176,3 +177,54 @@ def test_fake_quantize_without_gradients_is_the_same_to_the_bit():
         with torch.no_grad():
             fast = fake_quantize(x, scale, zero, 4)
         assert torch.equal(slow.view(torch.int32), fast.view(torch.int32))
+
+
+def _plain_fake_quantize(x, s, z, bits):
+    """The graph the fused quantizer stands for: straight-through rounding, autograd's own backward."""
+    q = torch.clamp(round_ste(x / s) + z, 0, 2 ** bits - 1)
+    return (q - z) * s
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("case", ["per-tensor", "per-channel", "per-head, transposed operand"])
+def test_fused_fake_quantize_is_the_plain_graph_to_the_bit(bits, case):
+    torch.manual_seed(bits)
+    if case == "per-tensor":
+        x, shape = torch.randn(64, 96) * 3, ()
+    elif case == "per-channel":
+        x, shape = torch.randn(64, 96) * 3, (64, 1)
+    else:  # k^T of an attention matmul: a non-contiguous operand, one scale per head
+        x, shape = (torch.randn(8, 3, 49, 16) * 3).transpose(-2, -1), (1, 3, 1, 1)
+    s = torch.rand(shape) * 0.3 + 0.05
+    z = torch.randint(0, 2 ** bits, shape).float()
+    x, s = x.detach().requires_grad_(), s.requires_grad_()
+    grad = torch.randn(x.shape)
+    plain = _plain_fake_quantize(x, s, z, bits)
+    fused = fake_quantize(x, s, z, bits)
+    assert type(fused.grad_fn).__name__ == "_FakeQuantizeBackward"
+    assert torch.equal(plain, fused)
+    for a, b in zip(torch.autograd.grad(plain, (x, s), grad), torch.autograd.grad(fused, (x, s), grad)):
+        assert torch.equal(a, b)
+
+
+def test_clamp_mask_is_this_torchs_clamp_gradient():
+    t = torch.tensor([-2.0, -1e-30, 0.0, 1e-30, 0.5, 14.0, 15.0 - 1e-6, 15.0, 15.0 + 1e-6, 16.0])
+    leaf = t.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(leaf.clamp(0, 15).sum(), leaf)
+    assert torch.equal(clamp_mask(t.clone(), t.clamp(0, 15), 0, 15), grad)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.3, 0.5, 0.9, 1.0])
+def test_below_is_the_comparison(p):
+    torch.manual_seed(0)
+    p32 = torch.tensor(p, dtype=torch.float32)
+    edges = torch.stack([p32, torch.nextafter(p32, torch.tensor(0.0)), torch.nextafter(p32, torch.tensor(1.0))])
+    r = torch.cat([torch.rand(100_000), edges])
+    assert torch.equal(below(r.clone(), p), (r < p).float())
+
+
+def test_select_is_where():
+    torch.manual_seed(0)
+    keep = (torch.rand(1000) < 0.5).float()
+    q, x = torch.randn(1000), torch.randn(1000) * 1e30
+    assert torch.equal(select(keep, q, x), torch.where(keep.bool(), q, x))

@@ -323,3 +323,72 @@ def test_one_kind_of_head_alone(calibrated):
     # An artifact stores the parameters that differ from the float model's: the mask head's now, not the box head's.
     assert "param:roi_head.mask_head.conv_logits.weight" in rec
     assert not any(k.startswith(("param:roi_head.bbox_head.", "param:rpn_head.")) for k in rec)
+
+
+def _plain_graph(monkeypatch):
+    """The loop as it was before its speed work: every quantizer and QDrop choice as a plain autograd graph.
+
+    (The fused quantizers, the float QDrop masks and the fixed floor(W / s)
+    replaced these; the frozen weights and the read-ahead change no number.)
+    """
+    import aphq_cli.quant.adaround as adaround
+    import aphq_cli.quant.modules as modules
+    import stages.reconstruct as recon
+    from aphq_cli.quant.primitives import round_ste
+
+    def fake_quantize(x, s, z, bits):
+        return (torch.clamp(round_ste(x / s) + z, 0, 2 ** bits - 1) - z) * s
+
+    def soft_forward(self, weight):
+        q = self.quantizer
+        return adaround.soft_quantize_weight(weight, q.scale, q.zero_point, q.bits, self.alpha)
+
+    for module in (modules, adaround):
+        monkeypatch.setattr(module, "below", lambda r, p: (r < p).float())
+        monkeypatch.setattr(module, "select", lambda keep, q, x: torch.where(keep.bool(), q, x))
+    monkeypatch.setattr(modules, "fake_quantize", fake_quantize)
+    monkeypatch.setattr(recon.SoftRounding, "forward", soft_forward)
+
+
+def test_the_fast_loop_reconstructs_the_same_tensors_as_the_plain_graph(monkeypatch):
+    """A shifted-window block (masks, per-head matmul quantizers, QDrop, the rounding regularizer after
+    warm-up), APH-weighted: every learned tensor equal to the bit after 20 iterations."""
+    import copy
+
+    from aphq_cli.models.plan import quantize_model
+    from aphq_cli.models.swin import SwinBlock
+    from aphq_cli.quant.calib import minmax_calibrate
+    from stages.reconstruct import reconstruct_unit
+
+    torch.manual_seed(0)
+    block = SwinBlock(16, 2, 4, 2, 4.0, True, None, 0.0, 0.0, 0.0).eval()
+    xs = [torch.randn(1, 10, 10, 16) for _ in range(2)]
+    with torch.no_grad():
+        targets = [block(x) for x in xs]
+    unit = quantize_model(torch.nn.Sequential(block), 4, 4)[0]
+    minmax_calibrate(unit, xs[0])
+    aph = [torch.rand(1, 10, 10, 16) + 0.5 for _ in xs]
+
+    class Caches:
+        count = 2
+
+        def fp_in(self, k, i):
+            return xs[i]
+
+        def q_in(self, k, i):
+            return xs[i] * 1.05
+
+        def target(self, k, i):
+            return targets[i]
+
+    config = ReconstructConfig(iters=20, warmup=0.2)
+    fast, plain = copy.deepcopy(unit), copy.deepcopy(unit)
+    reconstruct_unit(fast, Caches(), 1, lambda i: aph[i], config, seed=3)
+    with monkeypatch.context() as m:
+        _plain_graph(m)
+        reconstruct_unit(plain, Caches(), 1, lambda i: aph[i], config, seed=3)
+    before = unit.state_dict()
+    learned = [k for k, v in plain.state_dict().items() if not torch.equal(v, before[k])]
+    assert any(k.endswith("weight") for k in learned) and any(k.endswith("scale") for k in learned)
+    for key, value in plain.state_dict().items():
+        assert torch.equal(fast.state_dict()[key], value), key
