@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from aphq_cli.quant.primitives import below, clamp_mask, select
+from aphq_cli.quant.primitives import below, clamp_backward, select
 
 ZETA, GAMMA = 1.1, -0.1  # rectified-sigmoid stretch
 
@@ -50,26 +50,23 @@ class _SoftQuantize(torch.autograd.Function):
 
     Backward is, in the graph's order, ``grad * s`` masked by the outer clamp,
     masked by the clamp of ``h``, times ``zeta - gamma``, through the sigmoid:
-    the graph's numbers to the bit (but the sign of a zero), without its two
-    ``where`` (costly on CPU) and five saved intermediates.
+    the graph's numbers to the bit (but the sign of a zero), without its
+    comparisons and ``where`` (costly on CPU).
     """
 
     @staticmethod
     def forward(ctx, alpha, floor, scale, zero_point, bits):
         y = torch.sigmoid(alpha)
-        h0 = y * (ZETA - GAMMA) + GAMMA  # rectified_sigmoid, with its clamp's mask kept
-        h = torch.clamp(h0, 0, 1)
-        inner = clamp_mask(h0, h, 0, 1)
-        t = floor + h + zero_point
-        c = t.clamp(0, 2 ** bits - 1)
-        outer = clamp_mask(t, c, 0, 2 ** bits - 1)
-        ctx.save_for_backward(y, inner.mul_(outer), scale)
-        return c.sub_(zero_point).mul_(scale)
+        h0 = y * (ZETA - GAMMA) + GAMMA  # rectified_sigmoid, before its clamp
+        t = floor + torch.clamp(h0, 0, 1) + zero_point
+        ctx.bits = bits
+        ctx.save_for_backward(y, h0, t, scale)
+        return t.clamp(0, 2 ** bits - 1).sub_(zero_point).mul_(scale)
 
     @staticmethod
     def backward(ctx, grad):
-        y, mask, scale = ctx.saved_tensors
-        grad_h = (grad * scale).mul_(mask)
+        y, h0, t, scale = ctx.saved_tensors
+        grad_h = clamp_backward(clamp_backward(grad * scale, t, 0, 2 ** ctx.bits - 1), h0, 0, 1)
         return torch.ops.aten.sigmoid_backward(grad_h * (ZETA - GAMMA), y), None, None, None, None
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from aphq_cli.quant.primitives import (below, candidate_ranges, clamp_mask, dequantize, fake_quantize, head_ranges,
+from aphq_cli.quant.primitives import (below, candidate_ranges, clamp_backward, dequantize, fake_quantize, head_ranges,
                                        matmul_percentiles, quantize, round_ste, row_quantile, search_rowwise,
                                        select)
 
@@ -207,11 +207,34 @@ def test_fused_fake_quantize_is_the_plain_graph_to_the_bit(bits, case):
         assert torch.equal(a, b)
 
 
-def test_clamp_mask_is_this_torchs_clamp_gradient():
-    t = torch.tensor([-2.0, -1e-30, 0.0, 1e-30, 0.5, 14.0, 15.0 - 1e-6, 15.0, 15.0 + 1e-6, 16.0])
-    leaf = t.clone().requires_grad_()
-    (grad,) = torch.autograd.grad(leaf.clamp(0, 15).sum(), leaf)
-    assert torch.equal(clamp_mask(t.clone(), t.clamp(0, 15), 0, 15), grad)
+EDGES = torch.tensor([-2.0, -1e-30, 0.0, 1e-30, 0.5, 14.0, 15.0 - 1e-6, 15.0, 15.0 + 1e-6, 16.0])
+
+
+def test_clamp_backward_is_this_torchs_clamp_gradient():
+    leaf = EDGES.clone().requires_grad_()
+    grad = torch.arange(1.0, 11.0)
+    (expected,) = torch.autograd.grad(leaf.clamp(0, 15), leaf, grad)
+    assert torch.equal(clamp_backward(grad, EDGES, 0, 15), expected)
+
+
+@pytest.mark.parametrize("passes", [True, False])
+def test_clamp_backward_follows_either_choice_at_the_bounds(monkeypatch, passes):
+    """torch releases differ on the gradient at t == bound; both choices come out exactly."""
+    import aphq_cli.quant.primitives as primitives
+
+    monkeypatch.setattr(primitives, "clamp_passes_bounds", lambda: passes)
+    primitives._strict_bounds.cache_clear()
+    try:
+        got = clamp_backward(torch.ones(10), EDGES, 0, 15)
+    finally:
+        primitives._strict_bounds.cache_clear()
+    inside = (EDGES >= 0) & (EDGES <= 15) if passes else (EDGES > 0) & (EDGES < 15)
+    assert torch.equal(got, inside.float())
+
+
+def test_clamp_backward_is_laid_out_like_t():
+    t = torch.randn(4, 6).t()
+    assert clamp_backward(torch.ones(6, 4), t, -1, 1).stride() == t.stride()
 
 
 @pytest.mark.parametrize("p", [0.0, 0.1, 0.3, 0.5, 0.9, 1.0])
