@@ -220,6 +220,10 @@ def reconstruct_cmd(
                                help="Also reconstruct the RPN, box and mask heads after the FPN (beyond the paper)."),
     device: str = DeviceOpt,
     force: bool = typer.Option(False, "--force", help="Recompute every unit even if finished."),
+    drop_aph_cache: bool = typer.Option(
+        False, "--drop-aph-cache",
+        help="Once done, remove this run's APH weights from the shared cache ($APHQ_CACHE/aph): no later "
+             "stage reads them, but another run on the same checkpoint and images would recompute them."),
     quant_config: Optional[str] = QuantConfigOpt,
     trust_checkpoint: bool = TrustOpt,
     trust_config: bool = TrustConfigOpt,
@@ -229,7 +233,7 @@ def reconstruct_cmd(
 
     run_stage(reconstruct, run=run, loss=loss, iters=iters, images=images, calib_split=calib_split,
               heads=True if heads else None, device=device, force=force, trust_checkpoint=trust_checkpoint,
-              quant_config=quant_config, trust_config=trust_config)
+              quant_config=quant_config, trust_config=trust_config, drop_aph_cache=drop_aph_cache)
 
 
 @app.command("export")

@@ -21,6 +21,8 @@ from torch import nn
 from aphq_cli import distributed
 from aphq_cli.artifacts import load_if_current, save_artifact
 from aphq_cli.data.coco import check_calib_split
+from aphq_cli.diskplan import (CachePlan, aph_plan, check_free_space, complete_entries, mlp_plan,
+                               per_image_shapes, write_plan)
 from aphq_cli.errors import AphqError
 from aphq_cli.headers import StageRecord
 from aphq_cli.models.plan import RPN_TASK
@@ -178,16 +180,29 @@ def collect_mlp_io(detector: nn.Module, blocks: list[tuple[str, nn.Module]], ima
     return ubs
 
 
+def disk_plans(detector: nn.Module, names: list[str], images, io_cache: TensorCache, aph: TensorCache,
+               key: str) -> dict[str, CachePlan]:
+    """What the MLP cache and the APH cache will hold, from float feature passes (one per input shape)."""
+    ios = per_image_shapes(detector, names, images, extra={f"{n}.mlp": f"{n}.mlp" for n in names})
+    count = len(images)
+    return {"mlp_cache": mlp_plan(io_cache.root, names, ios, key, complete_entries(io_cache, names, count)),
+            "aph_cache": aph_plan(aph.root, names, ios, complete_entries(aph, names, count))}
+
+
 @writes_run
 def mlp_recon(*, model: str, run: Path, iters: int | None = None, images: int | None = None,
               calib_split: str | None = None,
               checkpoint: Path | None = None, data: Path | None = None, device: str = "cpu",
               force: bool = False, trust_checkpoint: bool = False, settings: dict | None = None,
-              quant_config: str | Path | None = None, progress=None) -> StageResult:
+              quant_config: str | Path | None = None, progress=None, free_space=None) -> StageResult:
     """Run mlp-recon into ``run/mlp_recon.safetensors``; resumable per block.
+
+    Before any cache is filled, the bytes of the MLP and APH caches are
+    predicted (``RUN/mlp_recon/disk_plan.json``) and the stage stops if they do not fit.
 
     Args:
         progress: optional callable ``(description, done, total)``.
+        free_space: ``path -> free bytes`` instead of the filesystem's (tests).
     """
     stage = open_stage(
         SPEC, run=run, overrides=with_arguments(settings, iters=iters, images=images, calib_split=calib_split),
@@ -207,6 +222,8 @@ def mlp_recon(*, model: str, run: Path, iters: int | None = None, images: int | 
     io_cache = TensorCache(Path(run) / "mlp_recon" / "cache", key=stage.cache_key)
     aph = aph_cache(source, dataset, config.delta)
     header = StageRecord(**stage.header(), mlp_recon=asdict(config), quant_config=stage.quant_config)
+    plans = disk_plans(detector, [n for n, _ in blocks], images, io_cache, aph, stage.cache_key)
+    check_free_space(STAGE, [("MLP cache", plans["mlp_cache"]), ("APH cache", plans["aph_cache"])], free_space)
 
     # Under torchrun: rank 0 alone caches the MLP inputs (one float forward per image for all
     # blocks) and trains; every rank computes its share of the APH estimates.
@@ -215,6 +232,8 @@ def mlp_recon(*, model: str, run: Path, iters: int | None = None, images: int | 
     # The bounds and the MLP input cache are made together: a damaged, older-format or stale bounds
     # file is remade with them, not a dead end for every rerun.
     saved = None if force or not main else load_if_current(ub_path, stage="mlp-recon-ub", inputs=inputs)
+    if main:
+        write_plan(Path(run) / "mlp_recon" / "disk_plan.json", plans, len(images))
     if main and (saved is None or not all(io_cache.complete(n, len(images)) for n, _ in blocks)):
         ubs = collect_mlp_io(detector, blocks, images, io_cache, config.pct,
                              lambda d, t: report("collect float MLP inputs", d, t))

@@ -28,6 +28,8 @@ from aphq_cli import distributed
 from aphq_cli.artifacts import load_artifact, load_if_current, save_artifact, sha256_file
 from aphq_cli.data.coco import check_calib_split
 from aphq_cli.devices import resolve_device
+from aphq_cli.diskplan import (CachePlan, aph_plan, check_free_space, complete_entries, folder_bytes, gib,
+                               per_image_shapes, reconstruct_plan, write_plan)
 from aphq_cli.errors import AphqError
 from aphq_cli.models.heads import float_head_inputs, head_units
 from aphq_cli.models.plan import RPN_TASK, units_of
@@ -69,6 +71,7 @@ class ReconstructConfig:
     calib_split: str = "train"  # or "val": the published protocol (aphq_cli.data.coco)
     heads: bool = False  # also reconstruct the RPN, box and mask heads (beyond the paper; issue #18)
     head_kinds: str = "rpn,box,mask"  # with heads: which of them (one alone, to see where each helps)
+    cache_dtype: str = "float32"  # the unit cache's floats: "float16" halves its disk (issue #19)
     version: int = field(default=CONFIG_VERSION)
 
     def __post_init__(self) -> None:
@@ -90,6 +93,8 @@ class ReconstructConfig:
         if not kinds or not set(kinds) <= set(HEAD_KINDS) or len(set(kinds)) != len(kinds):
             raise AphqError(f"head_kinds must name some of {', '.join(HEAD_KINDS)} (comma-separated), "
                             f"got {self.head_kinds!r}")
+        if self.cache_dtype not in CACHE_DTYPES:
+            raise AphqError(f"cache_dtype must be one of {', '.join(CACHE_DTYPES)}, got {self.cache_dtype!r}")
         if self.qdrop_scope not in QDROP_SCOPES:
             raise AphqError(f"qdrop_scope must be one of {', '.join(QDROP_SCOPES)}, got {self.qdrop_scope!r}")
 
@@ -119,6 +124,10 @@ QDROP_SCOPES = ("linear", "all")
 
 # The parts of one reconstruction iteration a `timer` sees (benchmarks/iteration.py).
 PARTS = ("read", "mix", "forward", "loss", "backward", "step")
+
+# How the unit cache stores its floats (read back as float32). float16 keeps 11 significant bits and
+# values up to 65504, ample for the inputs and outputs of a unit next to 4-bit quantization steps.
+CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 # The kinds of head unit (aphq_cli/models/heads.py) that `head_kinds` may name.
 HEAD_KINDS = ("rpn", "box", "mask")
@@ -431,13 +440,20 @@ def reconstruct(*, run: Path, loss: str | None = None, iters: int | None = None,
                 calib_split: str | None = None, heads: bool | None = None,
                 device: str = "cpu", force: bool = False, trust_checkpoint: bool = False,
                 settings: dict | None = None, quant_config: str | Path | None = None,
-                trust_config: bool = False, progress=None) -> StageResult:
+                trust_config: bool = False, drop_aph_cache: bool = False, progress=None,
+                free_space=None) -> StageResult:
     """Reconstruct the calibrated model of ``run`` into ``run/reconstruct.safetensors``.
+
+    Before any cache is filled, the bytes its caches will take are predicted
+    (``RUN/reconstruct/disk_plan.json``) and the stage stops if they do not fit.
 
     Args:
         heads: also reconstruct the RPN, box and mask heads (``--heads``; beyond the paper).
         trust_config: read the model config file the run's header names (it is Python).
+        drop_aph_cache: once the artifact is written (or found current), remove this run's entry of
+            the shared APH cache: reconstruct is the last stage that reads it.
         progress: optional callable ``(description, done, total)``.
+        free_space: ``path -> free bytes`` instead of the filesystem's (tests).
     """
     calib_path = stage_path(run, "calibrate")
 
@@ -466,6 +482,8 @@ def reconstruct(*, run: Path, loss: str | None = None, iters: int | None = None,
         images=lambda source, config: source.calibration_dataset(config.calib_split, limit=config.images))
     made = calibrated()[1]
     if stage.current:
+        if drop_aph_cache and distributed.is_main():
+            _drop_aph(aph_cache(stage.source, stage.dataset, stage.config.delta), report=progress)
         return stage.reused()
     source, config, dataset, inputs = stage.source, stage.config, stage.dataset, stage.inputs
     detector, _, _ = load_stage(run, "calibrate", dev, trust_checkpoint=trust_checkpoint,
@@ -478,7 +496,8 @@ def reconstruct(*, run: Path, loss: str | None = None, iters: int | None = None,
     fp = source.build(dev)
     before = {k: v.clone() for k, v in fp.state_dict().items()}
     # Entries of an earlier run with other settings or another calibrate artifact are refilled.
-    cache = TensorCache(Path(run) / "reconstruct" / "cache", key=stage.cache_key)
+    cache = TensorCache(Path(run) / "reconstruct" / "cache", dtype=CACHE_DTYPES[config.cache_dtype],
+                        key=stage.cache_key)
     main = distributed.is_main()
     if force and main:
         cache.drop("")
@@ -497,6 +516,13 @@ def reconstruct(*, run: Path, loss: str | None = None, iters: int | None = None,
     by_index = {len(units) + j: h for j, h in enumerate(heads)}
     units += [(h.name, h.module) for h in heads]
     caches = UnitCaches(cache, source.images(dataset, dev), dev, heads={k: h.key for k, h in by_index.items()})
+    planned = [name for k, (name, _) in enumerate(units) if k not in by_index]
+    plans = disk_plans(fp, planned, caches.imgs, config.loss, cache, aph, stage.cache_key,
+                       CACHE_DTYPES[config.cache_dtype].itemsize)
+    check_free_space(STAGE, [("reconstruct unit cache", plans["unit_cache"]), ("APH cache", plans["aph_cache"])],
+                     free_space)
+    if main:
+        write_plan(blocks.parent / "disk_plan.json", plans, len(dataset), unplanned=[h.name for h in heads])
     for k, (name, unit) in enumerate(units):
         twin = twins[name] if k in by_index else fp.get_submodule(name)
         caches.prepare(k, name, unit, twin, detector, fp, units[k - 1][1] if k else None, report)
@@ -529,8 +555,34 @@ def reconstruct(*, run: Path, loss: str | None = None, iters: int | None = None,
     if not main:
         return StageResult(stage.out, False)
     cache.drop("")
-    return stage.save(quantized_tensors(detector, before),
-                      header.with_fields(quantization_map=quantization_map(detector)).to_dict())
+    result = stage.save(quantized_tensors(detector, before),
+                        header.with_fields(quantization_map=quantization_map(detector)).to_dict())
+    if drop_aph_cache:
+        _drop_aph(aph, report)
+    return result
+
+
+def disk_plans(fp: nn.Module, names: list[str], images, loss: str, cache: TensorCache,
+               aph: TensorCache, key: str, itemsize: int = 4) -> dict[str, CachePlan]:
+    """What the unit cache and the APH cache will hold for ``names`` (backbone units and the neck).
+
+    The shapes come from float feature passes, one per distinct input shape:
+    measured, so any input size, padding or backbone variant is planned as it will run.
+    """
+    ios, count = per_image_shapes(fp, names, images), len(images)
+    backbone = [n for n in names if n != "neck"] if loss == "aph" else []
+    unit_names = [f"{p}/{k}" for k in range(len(names)) for p in ("q", "y", "fp", "fisher")]
+    return {"unit_cache": reconstruct_plan(cache.root, names, ios, key, loss,
+                                           complete_entries(cache, unit_names, count), itemsize),
+            "aph_cache": aph_plan(aph.root, backbone, ios, complete_entries(aph, backbone, count))}
+
+
+def _drop_aph(aph: TensorCache, report=None) -> None:
+    """Remove one APH cache entry folder (this run's images, checkpoint and delta), saying how much it freed."""
+    freed = folder_bytes(aph.root)
+    aph.drop("")
+    if report is not None:
+        report(f"removed APH cache {aph.root} ({gib(freed)})", 1, 1)
 
 
 def _load_unit(unit: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> None:

@@ -392,3 +392,11 @@ def test_the_fast_loop_reconstructs_the_same_tensors_as_the_plain_graph(monkeypa
     assert any(k.endswith("weight") for k in learned) and any(k.endswith("scale") for k in learned)
     for key, value in plain.state_dict().items():
         assert torch.equal(fast.state_dict()[key], value), key
+
+
+def test_cache_dtype_is_checked():
+    from stages.reconstruct import CACHE_DTYPES
+
+    assert ReconstructConfig().cache_dtype == "float32" and set(CACHE_DTYPES) == {"float32", "float16"}
+    with pytest.raises(AphqError, match="cache_dtype must be one of float32, float16, got 'int8'"):
+        ReconstructConfig(cache_dtype="int8")

@@ -1,0 +1,125 @@
+"""The disk a stage predicts before it starts is the disk its caches take; a stage that would not fit stops first.
+
+The full-size test builds mask-rcnn-swin-t with seeded random weights and
+runs it at 224x320 through a config file that inherits the built-in one and
+only shrinks the test pipeline's scale (the built-in one resizes every image
+to 1333x800, minutes a unit on two cores): the architecture, unit list and
+cache layout are the paper's.
+"""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from aphq_cli.cli import app
+from aphq_cli.diskplan import folder_bytes
+from aphq_cli.errors import AphqError
+from stages.calibrate import calibrate
+from stages.mlp_recon import mlp_recon
+from stages.reconstruct import reconstruct
+
+FAST_CALIB = {"eq_n": 16, "matmul_eq_n": 4, "search_round": 1, "max_windows": 8}
+
+
+def peak_meter(folder):
+    """A progress callback that records the most bytes ``folder`` held at any report."""
+    seen = {"peak": 0}
+
+    def report(description, done, total, loss=None):
+        seen["peak"] = max(seen["peak"], folder_bytes(folder))
+    return report, seen
+
+
+def check_reconstruct_plan(run, cache_root, seen, images):
+    plan = json.loads((run / "reconstruct" / "disk_plan.json").read_text())
+    assert plan["images"] == images and plan["unplanned"] == []
+    assert plan["unit_cache"]["peak_bytes"] == seen["peak"] > 0
+    assert not (run / "reconstruct" / "cache").exists()  # dropped at the end, as before
+    aph = plan["aph_cache"]
+    assert aph["peak_bytes"] == folder_bytes(aph["folder"]) > 0
+    assert str(cache_root) in aph["folder"]
+    return plan
+
+
+@pytest.fixture
+def calibrated(tmp_path, synth_dir, random_tiny_checkpoint, monkeypatch):
+    monkeypatch.setenv("APHQ_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    calibrate(model="tiny-mask-rcnn", run=run, checkpoint=random_tiny_checkpoint, data=synth_dir, calib_images=1,
+              settings=FAST_CALIB)
+    return run
+
+
+def test_reconstruct_writes_what_it_predicted_and_drops_the_aph_cache_on_request(calibrated, tmp_path):
+    report, seen = peak_meter(calibrated / "reconstruct" / "cache")
+    reconstruct(run=calibrated, loss="aph", settings={"iters": 1, "images": 2}, progress=report)
+    plan = check_reconstruct_plan(calibrated, tmp_path / "cache", seen, 2)
+    # The flag on the finished run (a cache hit) removes this run's APH entry and nothing else.
+    other = tmp_path / "cache" / "aph" / "other"
+    other.mkdir()
+    result = CliRunner().invoke(app, ["reconstruct", "--run", str(calibrated), "--iters", "1", "--images", "2",
+                                      "--drop-aph-cache"])
+    assert result.exit_code == 0, result.output
+    assert "is current" in result.output and "removed APH cache" in result.output
+    assert not (tmp_path / "cache" / "aph" / plan["aph_cache"]["folder"].rsplit("/", 1)[1]).exists()
+    assert other.is_dir()
+
+
+def test_a_stage_that_would_not_fit_stops_before_writing(calibrated, tmp_path):
+    before = sorted(p.relative_to(calibrated) for p in calibrated.rglob("*"))
+    with pytest.raises(AphqError, match=r"^reconstruct would write .* GiB to the reconstruct unit cache .* and the "
+                                        r"APH cache .* but only 0.00 GiB is free there"):
+        reconstruct(run=calibrated, loss="aph", settings={"iters": 1, "images": 2}, free_space=lambda p: 0)
+    assert sorted(p.relative_to(calibrated) for p in calibrated.rglob("*")) == before
+    assert not (tmp_path / "cache" / "aph").exists()
+
+
+def test_mlp_recon_writes_what_it_predicted(tmp_path, synth_dir, random_tiny_checkpoint, monkeypatch):
+    monkeypatch.setenv("APHQ_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    mlp_recon(model="tiny-mask-rcnn", run=run, checkpoint=random_tiny_checkpoint, data=synth_dir,
+              settings={"iters": 1, "images": 2})
+    plan = json.loads((run / "mlp_recon" / "disk_plan.json").read_text())
+    assert plan["mlp_cache"]["peak_bytes"] == folder_bytes(run / "mlp_recon" / "cache") > 0
+    assert plan["aph_cache"]["peak_bytes"] == folder_bytes(plan["aph_cache"]["folder"]) > 0
+
+
+def _scale_bench():
+    """benchmarks/scale.py, whose helpers make the data, config and checkpoint a user would pass."""
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "scale.py"
+    spec = importlib.util.spec_from_file_location("bench_scale", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def swin_t_at_320x224(tmp_path_factory):
+    """mask-rcnn-swin-t with seeded random weights, a config scaled to 320x224, and COCO-layout data of that size."""
+    bench, root = _scale_bench(), tmp_path_factory.mktemp("swin-t")
+    ckpt = bench.random_checkpoint("mask-rcnn-swin-t", root / "swin-t.pth")
+    data = bench.coco_data(root / "coco", (320, 224), train=2, val=1)
+    return ckpt, data, bench.scaled_config("mask-rcnn-swin-t", (320, 224), root / "swin-t-320x224.py")
+
+
+@pytest.mark.slow
+def test_full_size_swin_t_writes_what_it_predicted(swin_t_at_320x224, tmp_path, monkeypatch):
+    ckpt, data, cfg = swin_t_at_320x224
+    monkeypatch.setenv("APHQ_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    settings = tmp_path / "fast.toml"
+    settings.write_text("[calibrate]\n" + "".join(f"{k} = {v}\n" for k, v in FAST_CALIB.items()))
+    result = CliRunner().invoke(app, ["calibrate", "--model", str(cfg), "--checkpoint", str(ckpt), "--data",
+                                      str(data), "--run", str(run), "--quant-config", str(settings)])
+    assert result.exit_code == 0, result.output
+    report, seen = peak_meter(run / "reconstruct" / "cache")
+    reconstruct(run=run, loss="aph", settings={"iters": 1, "images": 2}, trust_config=True, progress=report)
+    plan = check_reconstruct_plan(run, tmp_path / "cache", seen, 2)
+    # 12 Swin blocks, 3 patch mergings and the patch embedding carry APH; the neck does not.
+    assert len(plan["aph_cache"]["entry_bytes"]) == 16

@@ -1,0 +1,93 @@
+"""The disk planner's pure functions: file sizes byte for byte, the unit cache's peak, the free-space check."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save
+
+from aphq_cli.diskplan import (CachePlan, check_free_space, done_marker_bytes, entry_bytes, peak_of,
+                               reconstruct_plan, safetensors_bytes, unit_cache_entries)
+from aphq_cli.errors import AphqError
+
+
+@pytest.mark.parametrize("dtype, itemsize", [(torch.float32, 4), (torch.float16, 2)])
+def test_file_size_is_what_safetensors_writes(dtype, itemsize):
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        n = int(torch.randint(1, 12, (), generator=gen))
+        shapes = {f"t{i}": tuple(int(d) for d in torch.randint(1, 40, (int(torch.randint(1, 5, (), generator=gen)),),
+                                                                 generator=gen)) for i in range(n)}
+        written = save({k: torch.zeros(s, dtype=dtype) for k, s in shapes.items()})
+        assert len(written) == safetensors_bytes(shapes, itemsize)
+
+
+def test_done_marker_is_the_json_tensorcache_writes():
+    assert done_marker_bytes(256, "ab" * 32) == len(json.dumps({"count": 256, "key": "ab" * 32}))
+    # Images of other sizes make files of other sizes: each is counted as it is.
+    assert entry_bytes([{"t0": (1, 2)}, {"t0": (1, 3)}], 4, "") == (
+        safetensors_bytes({"t0": (1, 2)}, 4) + safetensors_bytes({"t0": (1, 3)}, 4) + done_marker_bytes(2, ""))
+
+
+def _io(units):
+    """One image where unit k outputs k + 1 elements, so every entry's size tells which unit made it."""
+    io = {name: {"in": [(1, k)], "out": [(1, k + 1)]} for k, name in enumerate(units)}
+    io["neck"] = {"in": [(1, 100), (1, 50)], "out": [(1, 200)]}
+    return [io]
+
+
+def test_unit_cache_keeps_two_units_and_the_previous_output():
+    units = ["a", "b", "c", "neck"]
+    ops = unit_cache_entries(units, _io(units), "", "aph")
+    fills = [e for op, e, _ in ops if op == "fill"]
+    assert fills == ["y/0", "q/1", "y/1", "q/2", "y/2", "fp/3", "q/3", "y/3"]
+    drops = [e for op, e, _ in ops if op == "drop"]
+    assert drops == ["q/0", "y/-1", "q/1", "y/0", "q/2", "y/1"]  # q/0 and y/-1 never exist: dropping them is a no-op
+    # While the neck trains: q/2 and y/1 (not yet released), y/2, and its own three entries.
+    sizes = {e: s for op, e, s in ops if op == "fill"}
+    assert peak_of(ops) == sizes["q/2"] + sizes["y/1"] + sizes["y/2"] + sizes["fp/3"] + sizes["q/3"] + sizes["y/3"]
+
+
+def test_fisher_weights_stay_to_the_end():
+    units = ["a", "b", "neck"]
+    ops = unit_cache_entries(units, _io(units), "", "fisher")
+    assert [e for op, e, _ in ops if op == "fill" and e.startswith("fisher")] == ["fisher/0", "fisher/1"]
+    assert not [e for op, e, _ in ops if op == "drop" and e.startswith("fisher")]
+
+
+def test_complete_entries_count_as_written(tmp_path):
+    units = ["a", "neck"]
+    whole = reconstruct_plan(tmp_path, units, _io(units) * 4, "k", "mse")
+    resumed = reconstruct_plan(tmp_path, units, _io(units) * 4, "k", "mse", {"y/0": whole.entries["y/0"]})
+    assert resumed.peak == whole.peak and resumed.to_write == whole.peak - whole.entries["y/0"]
+    assert reconstruct_plan(tmp_path, units, _io(units) * 4, "k", "none").peak == 0
+
+
+def test_free_space_check_adds_caches_on_one_filesystem(tmp_path):
+    a = CachePlan(str(tmp_path / "run" / "cache"), 600)
+    b = CachePlan(str(tmp_path / "aph"), 500, written=100)
+    check_free_space("reconstruct", [("unit cache", a), ("APH cache", b)], free=lambda p: 1000)
+    with pytest.raises(AphqError, match=r"^reconstruct would write 0.00 GiB to the unit cache .* and the APH cache "
+                                        r".* but only 0.00 GiB is free there; free some space"):
+        check_free_space("reconstruct", [("unit cache", a), ("APH cache", b)], free=lambda p: 999)
+    assert not (tmp_path / "run").exists()  # a folder not made yet is checked on its nearest existing parent
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_an_entry_is_what_the_tensor_cache_writes_in_its_dtype(tmp_path, dtype):
+    from aphq_cli.tensorcache import TensorCache
+
+    cache = TensorCache(tmp_path, dtype=dtype, key="k" * 16)
+    shapes = [{"t0": (1, 7, 9, 32), "t1": (1, 3)}, {"t0": (1, 5, 9, 32), "t1": (1, 3)}]  # images of two sizes
+    cache.fill("y/0", 2, lambda i: {k: torch.randn(s) for k, s in shapes[i].items()})
+    written = sum(f.stat().st_size for f in (tmp_path / "y/0").iterdir())
+    assert written == entry_bytes(shapes, dtype.itemsize, "k" * 16)
+
+
+def test_a_float16_unit_cache_is_planned_at_half_the_data():
+    units = ["a", "b", "neck"]
+    ios = [{name: {"in": [(1, 1000)], "out": [(1, 1000)]} for name in units}]
+    full, half = (reconstruct_plan("/tmp", units, ios, "k", "aph", itemsize=n) for n in (4, 2))
+    # 1000 values per entry: 2000 bytes fewer each; the headers ("F32" / "F16") are the same length.
+    assert {e: full.entries[e] - half.entries[e] for e in full.entries} == {e: 2000 for e in full.entries}
+    assert full.peak - half.peak == 2000 * 6
