@@ -1,14 +1,15 @@
 """Time one reconstruction iteration per unit kind, split into its parts (issue #23).
 
-For each unit kind (a stage-1 Swin block, a stage-3 block, a patch merging,
-the FPN) of the testbed model at its image size and of a full-size Swin-T
-Mask R-CNN at COCO size, this runs aphq's own loop
+For each unit kind (the patch embedding, a Swin block of each stage, each
+patch merging, the FPN) of the testbed model at its image size and of a
+full-size Swin-T Mask R-CNN at COCO size, this runs aphq's own loop
 (:func:`stages.reconstruct.reconstruct_unit`) with a timer around each part of
 an iteration: ``read`` (the cache entries of the image: float input,
 quantized-model input, target, APH map), ``mix`` (QDrop), ``forward``,
 ``loss``, ``backward``, ``step``. The entries are real files in a
 :class:`~aphq_cli.tensorcache.TensorCache`, as in the stage, so the cache read
-is timed too.
+is timed too. From the times and the number of units of each kind it adds
+up the iterations of the published schedule (20000 per unit).
 
 Weights are the testbed's own (tiny-mask-rcnn) or seeded random ones (Swin-T,
 whose published checkpoint a test machine does not have); inputs are the
@@ -17,8 +18,8 @@ min/max calibration of those activations: the time of an iteration does not
 depend on where the scales lie, and the real search would take minutes at
 full size.
 
-    python benchmarks/iteration.py                       # both sizes, writes docs/speed-profile.md
-    python benchmarks/iteration.py --sizes testbed --iters 20 --out -
+    python benchmarks/iteration.py --out docs/speed-profile.md   # both sizes
+    python benchmarks/iteration.py --sizes testbed --iters 20      # print only
 """
 
 from __future__ import annotations
@@ -45,18 +46,32 @@ from aphq_cli.quant.calib import minmax_calibrate  # noqa: E402
 from aphq_cli.tensorcache import TensorCache  # noqa: E402
 from stages.reconstruct import PARTS, ReconstructConfig, reconstruct_unit  # noqa: E402
 
+PUBLISHED_ITERS = 20000  # per unit (method.md §8)
 # (label, model, image height, image width): the testbed at its own size, Swin-T at COCO's 1333x800.
 SIZES = {
     "testbed": ("tiny-mask-rcnn", 256, 256),
     "swin-t": ("mask-rcnn-swin-t", 800, 1344),  # 1333 padded to the size divisor 32, as the test pipeline does
 }
-# Unit kind -> its name in units_of() (the stage-1 and stage-3 block: the first of each stage).
-KINDS = {
-    "stage-1 block": "backbone.layers.0.blocks.0",
-    "stage-3 block": "backbone.layers.2.blocks.1",
-    "patch merging": "backbone.layers.0.downsample",
-    "FPN": "neck",
-}
+
+
+def unit_kind(name: str) -> str:
+    """The kind a unit of units_of() times as: one Swin block per stage (the blocks of a stage share
+    their shapes), each patch merging, the patch embedding, the FPN."""
+    if name == "neck":
+        return "FPN"
+    if name.endswith("patch_embed"):
+        return "patch embedding"
+    stage = int(name.split(".")[2]) + 1
+    return f"stage-{stage} merging" if name.endswith("downsample") else f"stage-{stage} block"
+
+
+def kinds(units: list[str]) -> dict[str, str]:
+    """Each kind and the unit that stands for it (the stage's first block: no shift, the
+    shifted ones cost the same but for the mask add)."""
+    first: dict[str, str] = {}
+    for name in units:
+        first.setdefault(unit_kind(name), name)
+    return first
 
 
 def detector(model: str, seed: int = 0) -> torch.nn.Module:
@@ -156,16 +171,19 @@ def profile_unit(unit, caches: DiskCaches, loss: str, iters: int, rounds: int, d
     return {"s_per_iter": statistics.median(totals), "parts": {p: statistics.median(v) for p, v in parts.items()}}
 
 
-def profile_size(label: str, iters: int, rounds: int, images: int, device: str) -> list[dict]:
+def profile_size(label: str, iters: int, rounds: int, images: int, device: str) -> tuple[list[dict], dict]:
+    """Every unit kind of one model at one size; also the number of units of each kind."""
     model_name, h, w = SIZES[label]
-    fp = detector(model_name)
-    q = quantize_model(detector(model_name), 4, 4)
+    fp = detector(model_name).to(device)
+    q = quantize_model(detector(model_name), 4, 4).to(device)
+    names = [n for n, _ in units_of(q)]
     torch.manual_seed(0)
-    image = torch.randn(1, 3, h, w)  # the activations' scale matters, not their content
-    io = unit_inputs(fp, list(KINDS.values()), image)
+    image = torch.randn(1, 3, h, w, device=device)  # the activations' scale matters, not their content
+    chosen = kinds(names)
+    io = unit_inputs(fp, list(chosen.values()), image)
     units = dict(units_of(q))
     rows = []
-    for kind, name in KINDS.items():
+    for kind, name in chosen.items():
         x, y = io[name]
         unit = units[name]
         minmax_calibrate(unit, x)
@@ -176,22 +194,36 @@ def profile_size(label: str, iters: int, rounds: int, images: int, device: str) 
         first = x[0] if isinstance(x, (list, tuple)) else x
         rows.append({"size": label, "model": model_name, "image": f"{w}x{h}", "kind": kind, "unit": name,
                      "input": list(first.shape), "loss": loss} | result)
-        print(f"{label:8s} {kind:14s} {result['s_per_iter'] * 1e3:9.1f} ms/iter  "
+        print(f"{label:8s} {kind:16s} {result['s_per_iter'] * 1e3:9.1f} ms/iter  "
               + " ".join(f"{p} {v * 1e3:.1f}" for p, v in result["parts"].items()), flush=True)
-    return rows
+    counts: dict[str, int] = {}
+    for name in names:
+        counts[unit_kind(name)] = counts.get(unit_kind(name), 0) + 1
+    return rows, counts
 
 
-def markdown(rows: list[dict], command: str) -> str:
-    lines = ["| size | unit kind | input | ms / iteration | " + " | ".join(PARTS) + " |",
-             "|---|---|---|---:|" + "---:|" * len(PARTS)]
+def schedule_hours(rows: list[dict], counts: dict[str, int], iters: int) -> float:
+    """Hours of reconstruction iterations for ``iters`` per unit (no cache filling, no APH estimates)."""
+    per_kind = {r["kind"]: r["s_per_iter"] for r in rows}
+    return sum(per_kind[k] * n for k, n in counts.items()) * iters / 3600
+
+
+def markdown(rows: list[dict], schedules: dict[str, tuple[dict, float]], command: str) -> str:
+    lines = ["| size | unit kind | input | ms / iteration | " + " | ".join(PARTS) + " | other |",
+             "|---|---|---|---:|" + "---:|" * (len(PARTS) + 1)]
     for r in rows:
-        shares = " | ".join(f"{r['parts'][p] * 1e3:.1f} ({100 * r['parts'][p] / r['s_per_iter']:.0f} %)"
-                            for p in PARTS)
+        parts = dict(r["parts"]) | {"other": r["s_per_iter"] - sum(r["parts"].values())}  # the loop's own
+        shares = " | ".join(f"{v * 1e3:.1f} ({100 * v / r['s_per_iter']:.0f} %)" for v in parts.values())
         lines.append(f"| {r['size']} ({r['image']}) | {r['kind']} | {'x'.join(map(str, r['input']))} | "
                      f"{r['s_per_iter'] * 1e3:.1f} | {shares} |")
     machine = (f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
                f"Python {platform.python_version()}")
-    return f"`{command}` ({machine}):\n\n" + "\n".join(lines) + "\n"
+    text = f"`{command}` ({machine}):\n\n" + "\n".join(lines) + "\n"
+    for label, (counts, hours) in schedules.items():
+        units = ", ".join(f"{n} x {k}" for k, n in counts.items())
+        text += (f"\nThe published schedule's iterations (20000 per unit) for {SIZES[label][0]} at "
+                 f"{SIZES[label][2]}x{SIZES[label][1]} ({units}): **{hours:.1f} hours** here, from the times above.\n")
+    return text
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -205,8 +237,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=None, help="write the markdown table here ('-': stdout only)")
     args = parser.parse_args(argv)
     command = "python benchmarks/iteration.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    rows = [r for label in args.sizes for r in profile_size(label, args.iters, args.rounds, args.images, args.device)]
-    text = markdown(rows, command.strip())
+    rows, schedules = [], {}
+    for label in args.sizes:
+        measured, counts = profile_size(label, args.iters, args.rounds, args.images, args.device)
+        rows += measured
+        schedules[label] = (counts, schedule_hours(measured, counts, PUBLISHED_ITERS))
+    text = markdown(rows, schedules, command.strip())
     print(text)
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=1))

@@ -1,0 +1,397 @@
+"""What the paper's models cost at COCO size: time, memory and disk of every stage; writes docs/scale.md.
+
+    .venv/bin/python benchmarks/scale.py                                   # 1333x800, both models (hours on a CPU)
+    .venv/bin/python benchmarks/scale.py --size 320x224 --images 2 --iters 2 --models mask-rcnn-swin-t \\
+        --out /tmp/scale.md                                                # a smoke run: minutes
+
+For each model (seeded random weights written to a checkpoint, as a user
+passes ``--checkpoint``) on synthetic COCO-layout images of exactly
+``--size`` pixels, every stage runs as its own ``python -m aphq_cli``
+process, as a user chains them: eval (float), mlp-recon, calibrate,
+reconstruct --loss aph, export, eval of the export. Per stage it records
+wall time, the process's peak resident memory (``os.wait4``), the bytes the
+run folder and ``$APHQ_CACHE`` hold at their fullest (polled) and at the end,
+and, from the stage's plain progress lines, seconds per iteration of each
+reconstruction unit and per image of each APH estimate. Each ``--images``
+count is a separate chain (fresh run folder and cache), so two counts show
+whether memory stays flat as images double. From the measured per-image
+cache sizes (``RUN/<stage>/disk_plan.json``) and per-iteration times the
+report extrapolates the published schedule (256 images x 20000 iterations
+per unit).
+
+At a size other than 1333x800 the model is a config file inheriting the
+built-in one with only the test pipeline's scale changed (so ``--trust-config``
+is passed to later stages); the architecture is the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script: the package from this checkout
+
+import torch  # noqa: E402
+
+from aphq_cli.data.synth import CLASSES, SynthSpec, generate  # noqa: E402
+from benchmarks.run import kept_reading  # noqa: E402
+from aphq_cli.diskplan import aph_plan, folder_bytes, mlp_plan, per_image_shapes, reconstruct_plan  # noqa: E402
+from aphq_cli.models.plan import units_of  # noqa: E402
+from aphq_cli.models.zoo import build_model, load_config, resolve_model  # noqa: E402
+
+MODELS = ("mask-rcnn-swin-t", "cascade-mask-rcnn-swin-s")
+PAPER_MODELS = ("mask-rcnn-swin-t", "mask-rcnn-swin-s", "cascade-mask-rcnn-swin-t", "cascade-mask-rcnn-swin-s")
+# The largest input the COCO test pipeline makes: 1333x800 kept within, padded to a multiple of 32.
+COCO_CANVAS = (1344, 800)
+COCO_SIZE = (1333, 800)
+PUBLISHED = {"images": 256, "iters": 20000}
+# COCO's first category names: the detectors' CocoDataset matches annotation categories by name.
+COCO_NAMES = ("person", "bicycle", "car", "motorcycle", "airplane", "bus", "train")
+DONE_LINE = re.compile(r"^\S+ \S+ (?P<stage>[\w-]+): (?P<phase>.+): done, (?P<n>\d+) in (?P<clock>[\d:]+) "
+                       r"\((?P<rate>[\d.e+-]+|\?)/s\)")
+
+
+@dataclass
+class Step:
+    """One stage process."""
+
+    model: str
+    images: int
+    stage: str
+    argv: list[str]
+    seconds: float
+    peak_rss_mib: float
+    run_peak_mib: float
+    run_end_mib: float
+    cache_peak_mib: float
+    cache_end_mib: float
+    phases: dict[str, dict] = field(default_factory=dict)  # phase -> {"n", "rate"} from the done lines
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"(\d+)x(\d+)", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"--size must be WxH (e.g. 1333x800), got {text!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def coco_data(out: Path, size: tuple[int, int], train: int, val: int, seed: int = 0) -> Path:
+    """A COCO-2017-layout folder of synthetic images of exactly ``size`` (width, height).
+
+    The generator draws width and height per image from its sizes, so it
+    renders until enough images have exactly this size; their categories are
+    renamed to COCO's first names, which the full models' dataset matches.
+    """
+    out = Path(out)
+    if (out / "annotations" / "instances_val2017.json").is_file():
+        return out
+    width, height = size
+    need = {"train": train, "val": val}
+    factor = 1 if width == height else 4  # one draw in four has (width, height) when they differ
+    for attempt in range(6):
+        spec = SynthSpec(seed=seed, num_train=max(1, factor * train * 2 ** attempt + 4),
+                         num_val=max(1, factor * val * 2 ** attempt + 4), image_sizes=tuple(sorted({width, height})))
+        src = generate(out.parent / f"{out.name}.synth-{spec.key()}", spec)
+        coco = {s: json.loads((src / "annotations" / f"instances_{s}.json").read_text()) for s in need}
+        kept = {s: [im for im in coco[s]["images"] if (im["width"], im["height"]) == (width, height)][:need[s]]
+                for s in need}
+        if all(len(kept[s]) == need[s] for s in need):
+            break
+    else:
+        raise SystemExit(f"could not render {train}+{val} images of {width}x{height}")
+    (out / "annotations").mkdir(parents=True, exist_ok=True)
+    for s in need:
+        folder = out / f"{s}2017"
+        folder.mkdir(exist_ok=True)
+        ids = {im["id"] for im in kept[s]}
+        for im in kept[s]:
+            link = folder / im["file_name"]
+            if not link.exists():
+                link.symlink_to(src / s / im["file_name"])
+        cats = [dict(c, name=COCO_NAMES[CLASSES.index(c["name"])]) for c in coco[s]["categories"]]
+        record = dict(coco[s], images=kept[s], categories=cats,
+                      annotations=[a for a in coco[s]["annotations"] if a["image_id"] in ids])
+        (out / "annotations" / f"instances_{s}2017.json").write_text(json.dumps(record))
+    return out
+
+
+def scaled_config(model: str, size: tuple[int, int], out: Path) -> Path:
+    """A config inheriting the built-in ``model`` whose test pipeline scales images to ``size``."""
+    from aphq_cli.models.zoo import load_config, resolve_model  # mmdet import: only when a config is written
+
+    spec = resolve_model(model)
+    pipeline = load_config(spec).data.test.pipeline
+    pipeline[1]["img_scale"] = tuple(size)
+    out.write_text(f"# {model} with its test pipeline scaled to {size[0]}x{size[1]} (benchmarks/scale.py).\n"
+                   f"_base_ = [{str(spec.config)!r}]\n"
+                   f"test_pipeline = {list(pipeline)!r}\n"
+                   "data = dict(calib=dict(pipeline=test_pipeline), val=dict(pipeline=test_pipeline), "
+                   "test=dict(pipeline=test_pipeline))\n")
+    return out
+
+
+def random_checkpoint(model: str, out: Path, seed: int = 0) -> Path:
+    """The model with seeded random weights, in the published .pth layout."""
+    import torch
+
+    from aphq_cli.models.checkpoint import save_checkpoint
+    from aphq_cli.models.zoo import build_model, load_config, resolve_model
+
+    if out.is_file():
+        return out
+    torch.manual_seed(seed)
+    return save_checkpoint(build_model(load_config(resolve_model(model))), out, layout="original")
+
+
+def run_step(model: str, images: int, stage: str, argv: list[str], run: Path, cache: Path, log: Path) -> Step:
+    """Run one ``aphq`` command; poll the disk it uses while it runs."""
+    env = dict(os.environ, APHQ_CACHE=str(cache), APHQ_PROGRESS_INTERVAL="100000")
+    print("$ APHQ_CACHE=" + str(cache) + " aphq " + " ".join(argv), file=sys.stderr, flush=True)
+    peaks = [0, 0]
+    start = time.perf_counter()
+    with open(log, "w") as sink:
+        child = subprocess.Popen([sys.executable, "-m", "aphq_cli", *argv], cwd=ROOT, env=env,
+                                 stdout=subprocess.DEVNULL, stderr=sink)
+        while True:
+            pid, status, usage = os.wait4(child.pid, os.WNOHANG)  # this child's own rusage once it ends
+            peaks = [max(peaks[0], folder_bytes(run)), max(peaks[1], folder_bytes(cache))]
+            if pid:
+                break
+            time.sleep(0.5)
+    seconds = time.perf_counter() - start
+    code = os.waitstatus_to_exitcode(status)
+    text = log.read_text()
+    if code != 0:
+        raise SystemExit(f"step failed ({code}): aphq {' '.join(argv)}\n{text[-3000:]}")
+    phases = {}
+    for line in text.splitlines():
+        m = DONE_LINE.match(line)
+        if m:
+            phases[m.group("phase")] = {"n": int(m.group("n")),
+                                        "rate": None if m.group("rate") == "?" else float(m.group("rate"))}
+    mib = 2 ** 20
+    return Step(model, images, stage, argv, round(seconds, 1), round(usage.ru_maxrss / 1024, 1),
+                round(peaks[0] / mib, 2), round(folder_bytes(run) / mib, 2), round(peaks[1] / mib, 2),
+                round(folder_bytes(cache) / mib, 2), phases)
+
+
+def chain(args, model: str, images: int, work: Path) -> list[Step]:
+    """Every stage of one model at one image count, in a fresh run folder and cache."""
+    size = args.size
+    ckpt = random_checkpoint(model, work / f"{model}.pth", args.seed)
+    data = coco_data(work / f"coco-{size[0]}x{size[1]}", size, max(args.images), args.eval_images)
+    if tuple(size) == COCO_SIZE:
+        model_arg, trust = model, []
+    else:
+        model_arg, trust = str(scaled_config(model, size, work / f"{model}-{size[0]}x{size[1]}.py")), ["--trust-config"]
+    base = work / f"{model}-n{images}"
+    run, cache, export = base / "run", base / "cache", base / "export.safetensors"
+    for path in (run, cache):
+        path.mkdir(parents=True, exist_ok=True)
+    common = ["--model", model_arg, "--checkpoint", str(ckpt), "--data", str(data), "--device", args.device]
+    counts = ["--images", str(images), "--iters", str(args.iters)]
+    plan = [("eval", ["eval", *common, "--limit", str(args.eval_images)]),
+            ("mlp-recon", ["mlp-recon", *common, "--run", str(run), *counts]),
+            ("calibrate", ["calibrate", *common, "--run", str(run),
+                           *(["--quant-config", str(args.quant_config)] if args.quant_config else [])]),
+            ("reconstruct", ["reconstruct", "--run", str(run), "--loss", "aph", *counts, "--device", args.device,
+                             *trust]),
+            ("export", ["export", "--run", str(run), "--out", str(export), *trust]),
+            # The export names its model itself (a scaled config file: trusted like the stages before).
+            ("eval export", ["eval", "--artifact", str(export), "--data", str(data),
+                             "--limit", str(args.eval_images), "--device", args.device, *trust])]
+    steps = []
+    for stage, argv in plan:
+        if images != min(args.images) and stage in ("eval",):
+            continue  # the float model does not depend on the image count
+        step = run_step(model, images, stage, argv, run, cache, base / f"{stage.replace(' ', '-')}.log")
+        if stage in ("mlp-recon", "reconstruct"):
+            disk = run / stage.replace("-", "_") / "disk_plan.json"
+            step.phases["disk_plan"] = json.loads(disk.read_text())
+        steps.append(step)
+    return steps
+
+
+def unit_kind(phase: str) -> str | None:
+    """The kind of a reconstruct unit phase (``unit 3/17 backbone.layers.0.blocks.1``): patch_embed, blocks of stage i, ..."""
+    m = re.match(r"unit \d+/\d+ (\S+)$", phase)
+    if not m:
+        return None
+    name = m.group(1)
+    if (b := re.match(r"backbone\.layers\.(\d+)\.blocks\.\d+$", name)):
+        return f"block (stage {b.group(1)})"
+    if (d := re.match(r"backbone\.layers\.(\d+)\.downsample$", name)):
+        return f"patch merging {d.group(1)}"
+    return name.replace("backbone.", "")
+
+
+def cost_model(steps: list[Step], images: int, iters: int) -> dict:
+    """The published schedule extrapolated from one chain: seconds and bytes for ``images`` x ``iters``.
+
+    Training: each unit's measured seconds per iteration x ``iters``. APH: each
+    unit's seconds per image x ``images``. Caches: the predicted peak bytes
+    scale with the image count (one file per image). What is left of the
+    stage's wall time (model loading, cache fills) is scaled by images, an
+    upper bound for its fixed part.
+    """
+    out = {}
+    for stage, train_prefix in (("mlp-recon", "train "), ("reconstruct", "unit ")):
+        step = next((s for s in steps if s.stage == stage), None)
+        if step is None:
+            continue
+        train = aph = measured = 0.0
+        for phase, info in step.phases.items():
+            if phase == "disk_plan" or not info.get("rate"):
+                continue
+            if phase.startswith(train_prefix):
+                train += iters / info["rate"]
+                measured += info["n"] / info["rate"]
+            elif phase.startswith("APH "):
+                aph += images / info["rate"]
+                measured += info["n"] / info["rate"]
+        other = max(0.0, step.seconds - measured) * images / step.images
+        plan = step.phases["disk_plan"]
+        caches = {k: v["peak_bytes"] * images / plan["images"] for k, v in plan.items() if isinstance(v, dict)}
+        out[stage] = {"train_s": train, "aph_s": aph, "other_s": other, "total_s": train + aph + other,
+                      "cache_bytes": caches}
+    return out
+
+
+def published_disk(model: str, images: int = PUBLISHED["images"], size: tuple[int, int] = COCO_CANVAS) -> dict:
+    """The caches of the published schedule for ``model``, planned as the stages plan them (no compute).
+
+    Every image at the largest canvas (an upper bound: a 640x480 COCO image
+    becomes 1088x800). The unit shapes come from a shape-only pass on the
+    meta device (:func:`~aphq_cli.diskplan.per_image_shapes`); the bytes are
+    those the stages' own planners predict, exact per file.
+    """
+    fp = build_model(load_config(resolve_model(model)))
+    names = [n for n, _ in units_of(fp)]
+    blocks = [n for n in names if ".blocks." in n]
+    img = torch.empty(1, 3, size[1], size[0], device="meta")
+    ios = per_image_shapes(fp, names, [img] * images, extra={f"{n}.mlp": f"{n}.mlp" for n in blocks})
+    key = "0" * 16
+    backbone = [n for n in names if n != "neck"]
+    return {"units": len(names),
+            "aph": aph_plan(Path("aph"), backbone, ios).peak,
+            "unit cache float32": reconstruct_plan(Path("unit"), names, ios, key, "aph").peak,
+            "unit cache float16": reconstruct_plan(Path("unit"), names, ios, key, "aph", itemsize=2).peak,
+            "mlp cache": mlp_plan(Path("mlp"), blocks, ios, key).peak}
+
+
+def disk_table() -> list[str]:
+    """Markdown: the published schedule's caches for the paper's four models."""
+    w, h = COCO_CANVAS
+    lines = [f"## Disk of the published schedule ({PUBLISHED['images']} images, each at {w}x{h})", "",
+             "Planned by the stages' own disk planners (`aphq_cli/diskplan.py`, exact per file) from a shape-only "
+             "pass; no weights or images needed. reconstruct holds the APH cache (float16) and at most its unit "
+             "cache's peak (two units' worth) at once; mlp-recon holds the APH cache and its MLP cache (float32).",
+             "", "| model | units | APH (float16) | unit cache peak, float32 | unit cache peak, float16 | "
+             "reconstruct total, float32 / float16 | mlp-recon MLP cache |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for model in PAPER_MODELS:
+        d = published_disk(model)
+        gb = {k: v / 1e9 for k, v in d.items()}
+        lines.append(f"| {model} | {d['units']} | {gb['aph']:.1f} GB | {gb['unit cache float32']:.1f} GB | "
+                     f"{gb['unit cache float16']:.1f} GB | {gb['aph'] + gb['unit cache float32']:.1f} / "
+                     f"{gb['aph'] + gb['unit cache float16']:.1f} GB | {gb['mlp cache']:.1f} GB |")
+    return lines
+
+
+def hours(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
+
+
+def write_markdown(args, steps: list[Step], commands: list[str]) -> str:
+    w, h = args.size
+    lines = [f"# Cost at scale: {w}x{h} images", "",
+             f"Measured by `benchmarks/scale.py` on {platform.node()} ({os.cpu_count()} CPUs, {args.device}), "
+             f"{time.strftime('%Y-%m-%d')}: seeded random weights, synthetic images of exactly {w}x{h}, "
+             f"{args.iters} iterations per unit. Every stage is its own process; RSS is its peak resident "
+             "memory, disk the most the run folder / `$APHQ_CACHE` held while it ran (and at its end).", "",
+             "| model | images | stage | wall s | peak RSS MiB | run peak / end MiB | cache peak / end MiB |",
+             "|---|---:|---|---:|---:|---:|---:|"]
+    for s in steps:
+        lines.append(f"| {s.model} | {s.images} | {s.stage} | {s.seconds} | {s.peak_rss_mib} | "
+                     f"{s.run_peak_mib} / {s.run_end_mib} | {s.cache_peak_mib} / {s.cache_end_mib} |")
+    lines += ["", "## Seconds per iteration per unit kind (reconstruct) and per APH image", "",
+              "| model | images | unit kind | units | s / iteration | APH s / image |", "|---|---:|---|---:|---:|---:|"]
+    for s in (s for s in steps if s.stage == "reconstruct"):
+        kinds: dict[str, dict] = {}
+        for phase, info in s.phases.items():
+            kind = unit_kind(phase)
+            if kind and info.get("rate"):
+                k = kinds.setdefault(kind, {"units": 0, "it": [], "aph": []})
+                k["units"] += 1
+                k["it"].append(1 / info["rate"])
+                aph = s.phases.get("APH " + phase.split(" ", 2)[2], {})
+                if aph.get("rate"):
+                    k["aph"].append(1 / aph["rate"])
+        for kind, k in kinds.items():
+            aph = f"{sum(k['aph']) / len(k['aph']):.3g}" if k["aph"] else "-"
+            lines.append(f"| {s.model} | {s.images} | {kind} | {k['units']} | {sum(k['it']) / len(k['it']):.3g} | {aph} |")
+    lines += ["", f"## The published schedule ({PUBLISHED['images']} images x {PUBLISHED['iters']} iterations per unit)",
+              "", "Extrapolated from the largest image count above: training = each unit's s/iteration x "
+              "iterations, APH = s/image x images, the rest of the stage's wall time scaled by images (an upper "
+              "bound); caches = the stage's predicted peak (`RUN/<stage>/disk_plan.json`, exact per image) x images.",
+              "", "| model | stage | training | APH | rest | total | cache peaks |", "|---|---|---:|---:|---:|---:|---|"]
+    for model in args.models:
+        mine = [s for s in steps if s.model == model and s.images == max(args.images)]
+        for stage, c in cost_model(mine, PUBLISHED["images"], PUBLISHED["iters"]).items():
+            caches = ", ".join(f"{k} {v / 2**30:.1f} GiB" for k, v in c["cache_bytes"].items())
+            lines.append(f"| {model} | {stage} | {hours(c['train_s'])} | {hours(c['aph_s'])} | "
+                         f"{hours(c['other_s'])} | {hours(c['total_s'])} | {caches} |")
+    lines += ["", *disk_table()]
+    lines += ["", "## Commands", "", "```bash", *commands, "```", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    ap.add_argument("--size", type=parse_size, default=COCO_SIZE, help="image size WxH (default 1333x800)")
+    ap.add_argument("--images", type=int, nargs="+", default=[4, 8],
+                    help="reconstruction images per chain; two counts show whether memory stays flat (default 4 8)")
+    ap.add_argument("--iters", type=int, default=20, help="iterations per unit (default 20)")
+    ap.add_argument("--eval-images", type=int, default=2, help="images evaluated (default 2)")
+    ap.add_argument("--quant-config", type=Path, help="settings file for calibrate (a fast search for a smoke run)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--work", type=Path, default=ROOT / "runs" / "scale", help="runs, caches, data, checkpoints")
+    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "scale.md")
+    ap.add_argument("--disk-only", action="store_true",
+                    help="only plan the published schedule's disk for the four models (seconds; no stage runs)")
+    args = ap.parse_args(argv)
+    command = "$ .venv/bin/python benchmarks/scale.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    reading = kept_reading(args.out)  # the hand-written "## Reading" at the end stays
+    if args.disk_only:
+        args.out.write_text("\n".join(["# Cost at scale", "", *disk_table(), "", "```bash", command, "```", ""])
+                            + reading)
+        print(args.out)
+        return 0
+    if args.iters < 2 or min(args.images) < 2:
+        ap.error("--iters and --images must be at least 2 (a rate needs two reports)")
+    args.work.mkdir(parents=True, exist_ok=True)
+    steps: list[Step] = []
+    for model in args.models:
+        for images in sorted(set(args.images)):
+            steps += chain(args, model, images, args.work)
+    commands = [command]
+    commands += ["$ aphq " + " ".join(s.argv) for s in steps]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(write_markdown(args, steps, commands) + reading)
+    args.out.with_suffix(".json").write_text(json.dumps([asdict(s) for s in steps], indent=1))
+    print(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
