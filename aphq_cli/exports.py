@@ -23,6 +23,37 @@ from aphq_cli.quant.wrap import apply_plan
 from aphq_cli.runs import apply_params, saved_plan
 
 EXPORT_FORMAT = 1
+TUPLE = "__tuple__"  # how a tuple of the model config is kept in the export's JSON header
+
+
+def config_to_json(value):
+    """The model config as JSON values, tuples marked: JSON has only lists, and mmdet tells them apart.
+
+    The COCO test pipeline's ``img_scale=(1333, 800)`` read back as a list is
+    a list of scales to ``MultiScaleFlipAug``, which then refuses it (the
+    testbed's pipeline has no ``img_scale``, so only a full-size export showed
+    it). Anything JSON cannot hold becomes its ``str``, as before.
+    """
+    if isinstance(value, tuple):
+        return {TUPLE: [config_to_json(v) for v in value]}
+    if isinstance(value, list):
+        return [config_to_json(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): config_to_json(v) for k, v in value.items()}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def config_from_json(value):
+    """:func:`config_to_json` undone: marked tuples are tuples again (older exports have none)."""
+    if isinstance(value, dict):
+        if set(value) == {TUPLE} and isinstance(value[TUPLE], list):
+            return tuple(config_from_json(v) for v in value[TUPLE])
+        return {k: config_from_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [config_from_json(v) for v in value]
+    return value
 
 
 def weight_layers(detector) -> dict:
@@ -40,7 +71,7 @@ def load_export(path: Path, device="cpu"):
     made = ExportRecord.from_dict(header.config, path)
     if made.export_format != EXPORT_FORMAT:
         raise AphqError(f"{path} is export format {made.export_format}, this aphq reads {EXPORT_FORMAT}")
-    cfg = Config(made.mmdet_config)
+    cfg = Config(config_from_json(made.mmdet_config))
     detector = build_model(cfg)
     relu_mlps(detector, made.relu_mlp_blocks)
     apply_plan(detector, saved_plan(detector, made, path))

@@ -9,7 +9,6 @@ point. A manifest in the header says what each tensor is. Format:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -17,7 +16,7 @@ from torch import nn
 
 from aphq_cli.artifacts import sha256_file
 from aphq_cli.errors import AphqError
-from aphq_cli.exports import EXPORT_FORMAT, weight_layers
+from aphq_cli.exports import EXPORT_FORMAT, config_to_json, weight_layers
 from aphq_cli.headers import ExportRecord
 from aphq_cli.quant.modules import quantizers
 from aphq_cli.quant.packing import pack
@@ -92,5 +91,5 @@ def export(*, run: Path, out: Path, stage: str | None = None, trust_checkpoint: 
         export_format=EXPORT_FORMAT, model=made.model, data=made.data, source_stage=stage,
         calib_split=made.protocol, w_bits=made.w_bits, a_bits=made.a_bits, relu_mlp_blocks=relu,
         quantization_map=quantization_map(detector),
-        mmdet_config=json.loads(json.dumps(source.cfg._cfg_dict.to_dict(), default=str)),
+        mmdet_config=config_to_json(source.cfg._cfg_dict.to_dict()),
         manifest=manifest).to_dict())

@@ -65,3 +65,20 @@ def test_exporting_a_float_stage_is_refused(tmp_path):
     (tmp_path / "run").mkdir()
     result = CliRunner().invoke(app, ["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "holds no stage artifact yet" in result.output
+
+
+def test_the_model_config_keeps_its_tuples_through_the_export_header():
+    """The COCO test pipeline's img_scale=(1333, 800) must come back a tuple: as a list, MultiScaleFlipAug
+    takes it for a list of scales and refuses it (found by benchmarks/scale.py; the testbed has no img_scale)."""
+    import json
+
+    from mmdet.datasets.pipelines import Compose
+
+    from aphq_cli.exports import config_from_json, config_to_json
+    from aphq_cli.models.zoo import load_config, resolve_model
+
+    original = load_config(resolve_model("mask-rcnn-swin-t"))._cfg_dict.to_dict()
+    back = config_from_json(json.loads(json.dumps(config_to_json(original))))
+    assert back == original and back["data"]["test"]["pipeline"][1]["img_scale"] == (1333, 800)
+    Compose(back["data"]["test"]["pipeline"])  # refused before: a list of two ints is no list of scales
+    assert config_from_json({"a": [1, 2]}) == {"a": [1, 2]}  # an older export's lists stay lists
