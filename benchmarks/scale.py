@@ -117,11 +117,26 @@ def coco_data(out: Path, size: tuple[int, int], train: int, val: int, seed: int 
             link = folder / im["file_name"]
             if not link.exists():
                 link.symlink_to(src / s / im["file_name"])
-        cats = [dict(c, name=COCO_NAMES[CLASSES.index(c["name"])]) for c in coco[s]["categories"]]
+        cats = coco_categories(coco[s]["categories"])
         record = dict(coco[s], images=kept[s], categories=cats,
                       annotations=[a for a in coco[s]["annotations"] if a["image_id"] in ids])
         (out / "annotations" / f"instances_{s}2017.json").write_text(json.dumps(record))
     return out
+
+
+def coco_categories(synthetic: list[dict]) -> list[dict]:
+    """All 80 COCO categories in COCO's order, the synthetic ones holding the first names (and their ids).
+
+    The full models predict 80 classes; with only the synthetic categories in
+    the file, mmdet's COCO evaluation fails on the first prediction of a
+    class the file lacks (a random-weight model makes many).
+    """
+    from mmdet.datasets import CocoDataset
+
+    ids = {COCO_NAMES[CLASSES.index(c["name"])]: c["id"] for c in synthetic}
+    spare = iter(range(max(ids.values()) + 1, 10_000))
+    return [{"id": ids[name] if name in ids else next(spare), "name": name, "supercategory": "none"}
+            for name in CocoDataset.CLASSES]
 
 
 def scaled_config(model: str, size: tuple[int, int], out: Path) -> Path:
