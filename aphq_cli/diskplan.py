@@ -95,7 +95,7 @@ class CachePlan:
 
 
 def unit_cache_entries(units: list[str], ios: list[dict[str, dict]], key: str,
-                       loss: str, itemsize: int = 4) -> list[tuple[str, str, int]]:
+                       loss: str, itemsize: int = 4, neck_target: bool = False) -> list[tuple[str, str, int]]:
     """The fills and drops of reconstruct's unit cache, in order, as ``(op, entry, bytes)``.
 
     Mirrors ``UnitCaches.prepare`` and ``release`` in stages/reconstruct.py
@@ -103,7 +103,9 @@ def unit_cache_entries(units: list[str], ios: list[dict[str, dict]], key: str,
     quantized input ``q/k`` (unit k-1's output; the image for k = 0 is not
     cached) and its float output ``y/k``; the neck also fills ``fp/k`` and
     ``q/k`` with the backbone's outputs. Fisher weights ``fisher/k`` stay to
-    the end. Once unit k is done, ``q/(k-1)`` and ``y/(k-2)`` go.
+    the end. Once unit k is done, ``q/(k-1)`` and ``y/(k-2)`` go. The neck's
+    target ``y/k`` is on disk only with head units (``neck_target``); without
+    them it is computed as it is read.
 
     Args:
         ios: per image, per unit name, ``{"in": [shapes], "out": [shapes]}`` (:func:`per_image_shapes`).
@@ -117,7 +119,8 @@ def unit_cache_entries(units: list[str], ios: list[dict[str, dict]], key: str,
             ops += [("fill", f"fp/{k}", size(name, "in")), ("fill", f"q/{k}", size(name, "in"))]
         elif k > 0:
             ops.append(("fill", f"q/{k}", size(units[k - 1], "out")))
-        ops.append(("fill", f"y/{k}", size(name, "out")))
+        if name != "neck" or neck_target:
+            ops.append(("fill", f"y/{k}", size(name, "out")))
         if loss == "fisher" and name != "neck":
             ops.append(("fill", f"fisher/{k}", size(name, "out")))
         ops.append(("peak", "", 0))  # unit k trains here: its inputs, targets and the previous unit's are all present
@@ -140,16 +143,18 @@ def peak_of(ops: list[tuple[str, str, int]], present: dict[str, int] | None = No
 
 
 def reconstruct_plan(folder: Path, units: list[str], ios: list[dict[str, dict]], key: str, loss: str,
-                     complete: dict[str, int] | None = None, itemsize: int = 4) -> CachePlan:
+                     complete: dict[str, int] | None = None, itemsize: int = 4,
+                     neck_target: bool = False) -> CachePlan:
     """The unit cache of reconstruct (``RUN/reconstruct/cache``; float32, or float16 with ``cache_dtype``).
 
     Args:
         complete: bytes of the entries already complete on disk (name -> bytes).
         itemsize: bytes per stored value (4, or 2 for a float16 cache).
+        neck_target: the neck's float outputs are cached (with head units, which read them).
     """
     if loss == "none" or not units:
         return CachePlan(str(folder), 0)
-    ops = unit_cache_entries(units, ios, key, loss, itemsize)
+    ops = unit_cache_entries(units, ios, key, loss, itemsize, neck_target)
     entries = {entry: size for op, entry, size in ops if op == "fill"}
     present = {k: v for k, v in (complete or {}).items() if k in entries}
     return CachePlan(str(folder), peak_of(ops, present), entries, sum(present.values()))

@@ -341,7 +341,10 @@ class UnitCaches:
     Unit k's float input is unit k-1's float output ``y/<k-1>`` (the image
     for k = 0); its quantized-model input ``q/<k>`` is unit k-1, already
     reconstructed, applied to ``q/<k-1>``. The neck's inputs are the two
-    backbones' outputs. Only two units' entries are kept at a time.
+    backbones' outputs; its target, the float FPN's output, is computed from
+    its float input as it is read (at COCO size it would be the largest
+    entry on disk), except with head units, which read it from
+    ``y/<neck>``. Only two units' entries are kept at a time.
 
     Head units (``heads``: unit index -> the key of its record in
     :func:`~aphq_cli.models.heads.float_head_inputs`, "" for the RPN) all read
@@ -354,6 +357,7 @@ class UnitCaches:
         self.cache, self.imgs, self.device, self.count = cache, imgs, device, len(imgs)
         self.heads = heads or {}
         self.neck = min(self.heads) - 1 if self.heads else None
+        self.float_neck: tuple[int, nn.Module] | None = None  # (k, the float FPN) when its target is not cached
 
     def fp_in(self, k: int, i: int):
         if k in self.heads:
@@ -367,6 +371,9 @@ class UnitCaches:
         return self.imgs[i] if k == 0 else _get(self.cache, f"q/{k}", i, self.device)
 
     def target(self, k: int, i: int):
+        if self.float_neck is not None and k == self.float_neck[0]:
+            with torch.no_grad():  # the same computation as a fill: the same numbers
+                return self.float_neck[1](tuple(_as_list(self.fp_in(k, i))))
         return _get(self.cache, f"y/{k}", i, self.device)
 
     def extra(self, k: int, i: int) -> dict[str, torch.Tensor]:
@@ -392,8 +399,11 @@ class UnitCaches:
                   lambda d, t: report("neck inputs (float)", d, t))
             _fill(self.cache, f"q/{k}", self.count, lambda i: detector.backbone(self.imgs[i]),
                   lambda d, t: report("neck inputs (quantized)", d, t))
-            _fill(self.cache, f"y/{k}", self.count,
-                  lambda i: unit_fp(tuple(_as_list(self.fp_in(k, i)))))
+            if self.heads:  # the heads read the float FPN outputs: on disk until the last head is done
+                _fill(self.cache, f"y/{k}", self.count,
+                      lambda i: unit_fp(tuple(_as_list(self.fp_in(k, i)))))
+            else:  # the largest entry of all (five 256-channel maps): made from the float input when read
+                self.float_neck = (k, unit_fp)
             return
         if k > 0:
             _fill(self.cache, f"q/{k}", self.count, lambda i: prev_unit(self.q_in(k - 1, i)))
@@ -518,7 +528,7 @@ def reconstruct(*, run: Path, loss: str | None = None, iters: int | None = None,
     caches = UnitCaches(cache, source.images(dataset, dev), dev, heads={k: h.key for k, h in by_index.items()})
     planned = [name for k, (name, _) in enumerate(units) if k not in by_index]
     plans = disk_plans(fp, planned, caches.imgs, config.loss, cache, aph, stage.cache_key,
-                       CACHE_DTYPES[config.cache_dtype].itemsize)
+                       CACHE_DTYPES[config.cache_dtype].itemsize, neck_target=bool(heads))
     check_free_space(STAGE, [("reconstruct unit cache", plans["unit_cache"]), ("APH cache", plans["aph_cache"])],
                      free_space)
     if main:
@@ -563,7 +573,7 @@ def reconstruct(*, run: Path, loss: str | None = None, iters: int | None = None,
 
 
 def disk_plans(fp: nn.Module, names: list[str], images, loss: str, cache: TensorCache,
-               aph: TensorCache, key: str, itemsize: int = 4) -> dict[str, CachePlan]:
+               aph: TensorCache, key: str, itemsize: int = 4, neck_target: bool = False) -> dict[str, CachePlan]:
     """What the unit cache and the APH cache will hold for ``names`` (backbone units and the neck).
 
     The shapes come from float feature passes, one per distinct input shape:
@@ -573,7 +583,7 @@ def disk_plans(fp: nn.Module, names: list[str], images, loss: str, cache: Tensor
     backbone = [n for n in names if n != "neck"] if loss == "aph" else []
     unit_names = [f"{p}/{k}" for k in range(len(names)) for p in ("q", "y", "fp", "fisher")]
     return {"unit_cache": reconstruct_plan(cache.root, names, ios, key, loss,
-                                           complete_entries(cache, unit_names, count), itemsize),
+                                           complete_entries(cache, unit_names, count), itemsize, neck_target),
             "aph_cache": aph_plan(aph.root, backbone, ios, complete_entries(aph, backbone, count))}
 
 

@@ -36,9 +36,16 @@ def _io(units):
     return [io]
 
 
+def test_the_necks_target_is_cached_only_for_head_units():
+    units = ["a", "neck"]
+    assert "y/1" not in [e for op, e, _ in unit_cache_entries(units, _io(units), "", "aph") if op == "fill"]
+    assert "y/1" in [e for op, e, _ in unit_cache_entries(units, _io(units), "", "aph", neck_target=True)
+                     if op == "fill"]
+
+
 def test_unit_cache_keeps_two_units_and_the_previous_output():
     units = ["a", "b", "c", "neck"]
-    ops = unit_cache_entries(units, _io(units), "", "aph")
+    ops = unit_cache_entries(units, _io(units), "", "aph", neck_target=True)
     fills = [e for op, e, _ in ops if op == "fill"]
     assert fills == ["y/0", "q/1", "y/1", "q/2", "y/2", "fp/3", "q/3", "y/3"]
     drops = [e for op, e, _ in ops if op == "drop"]
@@ -90,4 +97,4 @@ def test_a_float16_unit_cache_is_planned_at_half_the_data():
     full, half = (reconstruct_plan("/tmp", units, ios, "k", "aph", itemsize=n) for n in (4, 2))
     # 1000 values per entry: 2000 bytes fewer each; the headers ("F32" / "F16") are the same length.
     assert {e: full.entries[e] - half.entries[e] for e in full.entries} == {e: 2000 for e in full.entries}
-    assert full.peak - half.peak == 2000 * 6
+    assert full.peak - half.peak == 2000 * 5  # the neck: its float and quantized inputs, no cached target
