@@ -13,17 +13,14 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from aphq_cli.cli import app
 from aphq_cli.diskplan import folder_bytes
 from aphq_cli.errors import AphqError
-from stages.calibrate import calibrate
 from stages.mlp_recon import mlp_recon
 from stages.reconstruct import reconstruct
-
-FAST_CALIB = {"eq_n": 16, "matmul_eq_n": 4, "search_round": 1, "max_windows": 8}
+from tests.stages.conftest import FAST_CALIB
 
 
 def peak_meter(folder):
@@ -44,15 +41,6 @@ def check_reconstruct_plan(run, cache_root, seen, images):
     assert aph["peak_bytes"] == folder_bytes(aph["folder"]) > 0
     assert str(cache_root) in aph["folder"]
     return plan
-
-
-@pytest.fixture
-def calibrated(tmp_path, synth_dir, random_tiny_checkpoint, monkeypatch):
-    monkeypatch.setenv("APHQ_CACHE", str(tmp_path / "cache"))
-    run = tmp_path / "run"
-    calibrate(model="tiny-mask-rcnn", run=run, checkpoint=random_tiny_checkpoint, data=synth_dir, calib_images=1,
-              settings=FAST_CALIB)
-    return run
 
 
 def test_reconstruct_writes_what_it_predicted_and_drops_the_aph_cache_on_request(calibrated, tmp_path):

@@ -10,18 +10,9 @@ from aphq_cli.runs import load_stage
 from stages.calibrate import calibrate
 from stages.reconstruct import LOSSES, ReconstructConfig, reconstruct
 from tests.conftest import kill_when_done
+from tests.stages.conftest import FAST_CALIB
 
-FAST_CALIB = {"eq_n": 16, "matmul_eq_n": 4, "search_round": 1, "max_windows": 8}
 SMALL = {"iters": 4, "images": 2}
-
-
-@pytest.fixture
-def calibrated(tmp_path, synth_dir, random_tiny_checkpoint, monkeypatch):
-    monkeypatch.setenv("APHQ_CACHE", str(tmp_path / "cache"))
-    run = tmp_path / "run"
-    calibrate(model="tiny-mask-rcnn", run=run, checkpoint=random_tiny_checkpoint, data=synth_dir, calib_images=1,
-              settings=FAST_CALIB)
-    return run
 
 
 def test_loss_registry_and_settings():
