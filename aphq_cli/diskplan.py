@@ -101,11 +101,12 @@ def unit_cache_entries(units: list[str], ios: list[dict[str, dict]], key: str,
     Mirrors ``UnitCaches.prepare`` and ``release`` in stages/reconstruct.py
     (backbone units and the neck; heads are not planned): unit k fills its
     quantized input ``q/k`` (unit k-1's output; the image for k = 0 is not
-    cached) and its float output ``y/k``; the neck also fills ``fp/k`` and
-    ``q/k`` with the backbone's outputs. Fisher weights ``fisher/k`` stay to
-    the end. Once unit k is done, ``q/(k-1)`` and ``y/(k-2)`` go. The neck's
-    target ``y/k`` is on disk only with head units (``neck_target``); without
-    them it is computed as it is read.
+    cached), which makes ``q/(k-1)`` obsolete, then its float output ``y/k``;
+    once k is done its float input ``y/(k-1)`` goes. The neck fills ``fp/k``
+    and ``q/k`` with the backbones' outputs after the last backbone unit's
+    entries go. Fisher weights ``fisher/k`` stay to the end. The neck's target
+    ``y/k`` is on disk only with head units (``neck_target``); without them
+    it is computed as it is read.
 
     Args:
         ios: per image, per unit name, ``{"in": [shapes], "out": [shapes]}`` (:func:`per_image_shapes`).
@@ -116,16 +117,18 @@ def unit_cache_entries(units: list[str], ios: list[dict[str, dict]], key: str,
     ops: list[tuple[str, str, int]] = []
     for k, name in enumerate(units):
         if name == "neck":
+            if k > 0:
+                ops += [("drop", f"q/{k - 1}", 0), ("drop", f"y/{k - 1}", 0)]
             ops += [("fill", f"fp/{k}", size(name, "in")), ("fill", f"q/{k}", size(name, "in"))]
         elif k > 0:
-            ops.append(("fill", f"q/{k}", size(units[k - 1], "out")))
+            ops += [("fill", f"q/{k}", size(units[k - 1], "out")), ("drop", f"q/{k - 1}", 0)]
         if name != "neck" or neck_target:
             ops.append(("fill", f"y/{k}", size(name, "out")))
         if loss == "fisher" and name != "neck":
             ops.append(("fill", f"fisher/{k}", size(name, "out")))
-        ops.append(("peak", "", 0))  # unit k trains here: its inputs, targets and the previous unit's are all present
-        if k > 0:
-            ops += [("drop", f"q/{k - 1}", 0), ("drop", f"y/{k - 2}", 0)]
+        ops.append(("peak", "", 0))  # unit k trains here, with its inputs and target present
+        if k > 0 and name != "neck":
+            ops.append(("drop", f"y/{k - 1}", 0))
     return ops
 
 

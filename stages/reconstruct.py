@@ -344,7 +344,8 @@ class UnitCaches:
     backbones' outputs; its target, the float FPN's output, is computed from
     its float input as it is read (at COCO size it would be the largest
     entry on disk), except with head units, which read it from
-    ``y/<neck>``. Only two units' entries are kept at a time.
+    ``y/<neck>``. An entry is dropped once nothing reads it, so a backbone
+    unit trains with three on disk: ``q/<k>``, ``y/<k-1>`` and ``y/<k>``.
 
     Head units (``heads``: unit index -> the key of its record in
     :func:`~aphq_cli.models.heads.float_head_inputs`, "" for the RPN) all read
@@ -385,16 +386,28 @@ class UnitCaches:
         return {name.split("/", 1)[1]: v for name, v in record.items() if name.startswith(f"{key}/")}
 
     def prepare(self, k: int, name: str, unit_q, unit_fp, detector, fp, prev_unit, report) -> None:
-        """Make unit k's quantized input and float output available."""
+        """Make unit k's quantized input and float output available, dropping what that makes obsolete.
+
+        An entry goes as soon as nothing reads it: the previous unit's quantized
+        input once k's is made from it (so a backbone unit's peak is three
+        entries: its two inputs and its target). Drops are rank 0's, after the
+        fill's closing barrier, when no rank reads any more.
+        """
+        main = distributed.is_main()
         if k in self.heads:
             if k == self.neck + 1:  # the first head: the FPN outputs every head reads, and the float RoIs
                 _fill(self.cache, "q/heads", self.count, lambda i: prev_unit(tuple(_as_list(self.q_in(k - 1, i)))),
                       lambda d, t: report("head inputs (quantized)", d, t))
                 _fill(self.cache, "rec", self.count, lambda i: _records(fp, self.fp_in(k, i), self.imgs.meta(i)),
                       lambda d, t: report("float RoIs", d, t))
+                if main:  # the neck's inputs: the heads read the FPN outputs only
+                    self._drop(f"q/{self.neck}", f"fp/{self.neck}")
             _fill(self.cache, f"y/{k}", self.count, lambda i: unit_fp(tuple(self.fp_in(k, i)), **self.extra(k, i)))
             return
         if name == "neck":
+            self.neck = k
+            if main and k > 0:  # the neck's inputs come from the images: the last backbone unit's entries go
+                self._drop(f"q/{k - 1}", f"y/{k - 1}")
             _fill(self.cache, f"fp/{k}", self.count, lambda i: fp.backbone(self.imgs[i]),
                   lambda d, t: report("neck inputs (float)", d, t))
             _fill(self.cache, f"q/{k}", self.count, lambda i: detector.backbone(self.imgs[i]),
@@ -407,19 +420,25 @@ class UnitCaches:
             return
         if k > 0:
             _fill(self.cache, f"q/{k}", self.count, lambda i: prev_unit(self.q_in(k - 1, i)))
+            if main:
+                self._drop(f"q/{k - 1}")
         _fill(self.cache, f"y/{k}", self.count, lambda i: unit_fp(self.fp_in(k, i)))
 
     def release(self, k: int) -> None:
-        """Unit k is done and unit k+1 prepared: k's quantized input and k-1's output go.
+        """Unit k is done (rank 0, after a barrier): the inputs only it read go.
 
-        The FPN outputs and the float records the heads read stay to the end.
+        A backbone unit's float input ``y/<k-1>`` (its own output stays: the
+        next unit's float input); a head's float outputs. The FPN outputs and
+        the float records the heads read stay to the end.
         """
         if k in self.heads:
-            self.cache.drop(f"y/{k}")
-            return
-        self.cache.drop(f"q/{k}")
-        if k > 0:
-            self.cache.drop(f"y/{k - 1}")
+            self._drop(f"y/{k}")
+        elif 0 < k != self.neck:
+            self._drop(f"y/{k - 1}")
+
+    def _drop(self, *entries: str) -> None:
+        for entry in entries:
+            self.cache.drop(entry)
 
 
 def _records(fp, feats, meta) -> dict[str, torch.Tensor]:
@@ -559,8 +578,8 @@ def reconstruct(*, run: Path, loss: str | None = None, iters: int | None = None,
         if finished or not main:
             _load_unit(unit, name, saved)
         distributed.barrier()  # nobody still reads what release() deletes
-        if k > 0 and main:
-            caches.release(k - 1)
+        if main:
+            caches.release(k)
     distributed.barrier()
     if not main:
         return StageResult(stage.out, False)

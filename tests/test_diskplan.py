@@ -43,16 +43,28 @@ def test_the_necks_target_is_cached_only_for_head_units():
                      if op == "fill"]
 
 
-def test_unit_cache_keeps_two_units_and_the_previous_output():
+def test_unit_cache_drops_each_entry_once_nothing_reads_it():
     units = ["a", "b", "c", "neck"]
     ops = unit_cache_entries(units, _io(units), "", "aph", neck_target=True)
     fills = [e for op, e, _ in ops if op == "fill"]
     assert fills == ["y/0", "q/1", "y/1", "q/2", "y/2", "fp/3", "q/3", "y/3"]
     drops = [e for op, e, _ in ops if op == "drop"]
-    assert drops == ["q/0", "y/-1", "q/1", "y/0", "q/2", "y/1"]  # q/0 and y/-1 never exist: dropping them is a no-op
-    # While the neck trains: q/2 and y/1 (not yet released), y/2, and its own three entries.
+    # q/0 never exists (unit 0 reads the image): dropping it is a no-op.
+    assert drops == ["q/0", "y/0", "q/1", "y/1", "q/2", "y/2"]
     sizes = {e: s for op, e, s in ops if op == "fill"}
-    assert peak_of(ops) == sizes["q/2"] + sizes["y/1"] + sizes["y/2"] + sizes["fp/3"] + sizes["q/3"] + sizes["y/3"]
+    held, peaks = {}, []
+    for op, entry, size in ops:
+        if op == "fill":
+            held[entry] = size
+        elif op == "drop":
+            held.pop(entry, None)
+        else:
+            peaks.append(sorted(held))
+    # Each backbone unit trains with its quantized input, float input and target; the neck with its own three.
+    assert peaks == [["y/0"], ["q/1", "y/0", "y/1"], ["q/2", "y/1", "y/2"], ["fp/3", "q/3", "y/3"]]
+    # Between the peaks, c's quantized input is written while b's still is on disk: also three entries.
+    moments = [["q/1", "y/0", "y/1"], ["q/1", "q/2", "y/1"], ["q/2", "y/1", "y/2"], ["fp/3", "q/3", "y/3"]]
+    assert peak_of(ops) == max(sum(sizes[e] for e in moment) for moment in moments)
 
 
 def test_fisher_weights_stay_to_the_end():
@@ -97,4 +109,4 @@ def test_a_float16_unit_cache_is_planned_at_half_the_data():
     full, half = (reconstruct_plan("/tmp", units, ios, "k", "aph", itemsize=n) for n in (4, 2))
     # 1000 values per entry: 2000 bytes fewer each; the headers ("F32" / "F16") are the same length.
     assert {e: full.entries[e] - half.entries[e] for e in full.entries} == {e: 2000 for e in full.entries}
-    assert full.peak - half.peak == 2000 * 5  # the neck: its float and quantized inputs, no cached target
+    assert full.peak - half.peak == 2000 * 3  # unit b: its two inputs and its target
