@@ -31,7 +31,7 @@ from aphq_cli.devices import resolve_device
 from aphq_cli.diskplan import (CachePlan, aph_plan, check_free_space, complete_entries, folder_bytes, gib,
                                per_image_shapes, reconstruct_plan, write_plan)
 from aphq_cli.errors import AphqError
-from aphq_cli.models.heads import float_head_inputs, head_units
+from aphq_cli.models.heads import HEAD_LOSSES, float_head_inputs, head_units
 from aphq_cli.models.plan import RPN_TASK, units_of
 from aphq_cli.quant.adaround import (beta_schedule, init_alpha, qdrop_mix, rounding_regularizer, soft_quantize_floor,
                                      soft_quantize_weight)
@@ -71,6 +71,7 @@ class ReconstructConfig:
     calib_split: str = "train"  # or "val": the published protocol (aphq_cli.data.coco)
     heads: bool = False  # also reconstruct the RPN, box and mask heads (beyond the paper; issue #18)
     head_kinds: str = "rpn,box,mask"  # with heads: which of them (one alone, to see where each helps)
+    head_loss: str = "task"  # with heads: "task" (KL, smooth-L1 on what the float model keeps) or "mse"
     cache_dtype: str = "float32"  # the unit cache's floats: "float16" halves its disk (issue #19)
     version: int = field(default=CONFIG_VERSION)
 
@@ -93,6 +94,8 @@ class ReconstructConfig:
         if not kinds or not set(kinds) <= set(HEAD_KINDS) or len(set(kinds)) != len(kinds):
             raise AphqError(f"head_kinds must name some of {', '.join(HEAD_KINDS)} (comma-separated), "
                             f"got {self.head_kinds!r}")
+        if self.head_loss not in HEAD_LOSSES:
+            raise AphqError(f"head_loss must be one of {', '.join(HEAD_LOSSES)}, got {self.head_loss!r}")
         if self.cache_dtype not in CACHE_DTYPES:
             raise AphqError(f"cache_dtype must be one of {', '.join(CACHE_DTYPES)}, got {self.cache_dtype!r}")
         if self.qdrop_scope not in QDROP_SCOPES:
@@ -568,7 +571,7 @@ def reconstruct(*, run: Path, loss: str | None = None, iters: int | None = None,
                 label = f"unit {k + 1}/{len(units)} {name}"
                 losses = reconstruct_unit(unit, caches, k, weights, config, config.seed * 1000 + k,
                                           lambda s, t, value: report(label, s, t, loss=value),
-                                          head_loss=head.loss if head else None)
+                                          head_loss=head.loss(config.head_loss) if head else None)
                 part = header.with_fields(unit=name, losses=losses, total_blocks=len(units))
                 save_artifact(path, {f"{name}.{key}": v.detach().clone() for key, v in unit.state_dict().items()},
                               stage="reconstruct-unit", config=part.to_dict(), inputs=inputs)

@@ -28,7 +28,7 @@ from mmdet.core import bbox2roi
 from torch import nn
 
 from aphq_cli.quant.aph import OBJECTNESS
-from aphq_cli.quant.headloss import box_delta_l1, class_kl, mask_logit_mse, rpn_terms
+from aphq_cli.quant.headloss import box_delta_l1, class_kl, mean_squared_error, rpn_terms
 
 
 class RpnUnit(nn.Module):
@@ -81,7 +81,26 @@ def _box_loss(out, target, extra) -> dict[str, torch.Tensor]:
 
 
 def _mask_loss(out, target, extra) -> dict[str, torch.Tensor]:
-    return {"mask": mask_logit_mse(out[0], target[0])}
+    return {"mask": mean_squared_error(out[0], target[0])}
+
+
+# The alternative the task losses above are measured against (head_loss = "mse"): the squared error of
+# every raw output, on every anchor and RoI, one term per kind of output (each normalized alike).
+def _rpn_mse(out, target, extra) -> dict[str, torch.Tensor]:
+    half = len(out) // 2
+    return {"objectness": sum(mean_squared_error(o, t) for o, t in zip(out[:half], target[:half])),
+            "box": sum(mean_squared_error(o, t) for o, t in zip(out[half:], target[half:]))}
+
+
+def _box_mse(out, target, extra) -> dict[str, torch.Tensor]:
+    return {"class": mean_squared_error(out[0], target[0]), "box": mean_squared_error(out[1], target[1])}
+
+
+# Head losses by name, each with one function per kind of head unit.
+HEAD_LOSSES: dict[str, dict[str, Callable]] = {
+    "task": {"rpn": _rpn_loss, "box": _box_loss, "mask": _mask_loss},
+    "mse": {"rpn": _rpn_mse, "box": _box_mse, "mask": _mask_loss},
+}
 
 
 @dataclass(frozen=True)
@@ -93,14 +112,16 @@ class HeadUnit:
         module: the unit (shares its layers with the detector).
         kind: ``rpn``, ``box`` or ``mask``; which record of
             :func:`float_head_inputs` it reads (``box1``, ``mask``) is ``key``.
-        loss: ``(outputs, float outputs, record) -> {term: value}``.
     """
 
     name: str
     module: nn.Module
     kind: str
     key: str
-    loss: Callable
+
+    def loss(self, choice: str = "task") -> Callable:
+        """The unit's ``(outputs, float outputs, record) -> {term: value}`` of :data:`HEAD_LOSSES` ``choice``."""
+        return HEAD_LOSSES[choice][self.kind]
 
 
 def _indexed(owner: nn.Module, attr: str, stage: int, stages: int) -> tuple[str, nn.Module]:
@@ -112,16 +133,16 @@ def head_units(detector: nn.Module) -> list[HeadUnit]:
     """The head units of a two-stage mmdetection detector, in forward order."""
     roi = detector.roi_head
     stages = getattr(roi, "num_stages", 1)
-    units = [HeadUnit("rpn_head", RpnUnit(detector.rpn_head), "rpn", "", _rpn_loss)]
+    units = [HeadUnit("rpn_head", RpnUnit(detector.rpn_head), "rpn", "")]
     for s in range(stages):
         _, extractor = _indexed(roi, "bbox_roi_extractor", s, stages)
         name, head = _indexed(roi, "bbox_head", s, stages)
-        units.append(HeadUnit(f"roi_head.{name}", BoxUnit(extractor, head), "box", f"box{s}", _box_loss))
+        units.append(HeadUnit(f"roi_head.{name}", BoxUnit(extractor, head), "box", f"box{s}"))
     if getattr(roi, "with_mask", False):
         for s in range(stages):
             _, extractor = _indexed(roi, "mask_roi_extractor", s, stages)
             name, head = _indexed(roi, "mask_head", s, stages)
-            units.append(HeadUnit(f"roi_head.{name}", MaskUnit(extractor, head), "mask", "mask", _mask_loss))
+            units.append(HeadUnit(f"roi_head.{name}", MaskUnit(extractor, head), "mask", "mask"))
     return units
 
 

@@ -17,7 +17,9 @@ the float head's outputs on the same inputs, with one loss term per output:
 Each term is a mean, so its scale does not grow with the number of RoIs or
 anchors; :func:`normalized_sum` then divides every term by its first non-zero
 value, so that no term dominates by its units (the APH loss divides by the
-term's own value for the same reason). Pure functions of tensors.
+term's own value for the same reason). The plain alternative they are
+measured against (``head_loss = "mse"``) is :func:`mean_squared_error` of
+every raw output. Pure functions of tensors.
 """
 
 from __future__ import annotations
@@ -88,11 +90,14 @@ def box_delta_l1(deltas: torch.Tensor, deltas_fp: torch.Tensor, labels: torch.Te
                             reduction="mean")
 
 
-def mask_logit_mse(logits: torch.Tensor, logits_fp: torch.Tensor) -> torch.Tensor:
-    """Mean squared error of mask logits (the detected class's channel); 0 for an image without detections."""
-    if logits.numel() == 0:
-        return logits.sum() * 0
-    return (logits - logits_fp).pow(2).mean()
+def mean_squared_error(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The mean squared difference of two tensors; 0 when they are empty (an image without RoIs or detections).
+
+    The mask head's term (its logits on the detected class's channel), and every term of ``head_loss = "mse"``.
+    """
+    if out.numel() == 0:
+        return out.sum() * 0
+    return (out - target).pow(2).mean()
 
 
 def normalized_sum(terms: dict[str, torch.Tensor], first: dict[str, torch.Tensor]) -> torch.Tensor | None:

@@ -49,3 +49,23 @@ def test_the_float_rois_reproduce_the_float_models_detections(bundled):
         stages = len(ORDER[name]) // 2
         assert set(records) == {f"box{s}" for s in range(stages)} | {"mask"}
     assert found > 0  # the bundled models detect the synthetic objects
+
+
+def test_each_head_loss_is_zero_on_the_float_outputs_and_positive_off_them(bundled):
+    """Both head losses match a unit to its float outputs: 0 there, > 0 once the outputs move."""
+    _, detector, images = bundled
+    img, meta = images[0], images.meta(0)
+    with torch.no_grad():
+        feats = list(detector.extract_feat(img))
+        records = float_head_inputs(detector, feats, meta)
+        for unit in head_units(detector):
+            extra = {name: v for name, v in records.get(unit.key, {}).items()}
+            target = list(unit.module(feats, **extra))
+            moved = [t * 1.5 + 0.5 for t in target]  # a scale too: a shift alone leaves a softmax as it is
+            for choice in ("task", "mse"):
+                loss = unit.loss(choice)
+                assert all(float(v) == 0 for v in loss(target, target, extra).values()), (unit.name, choice)
+                assert all(float(v) > 0 for v in loss(moved, target, extra).values()), (unit.name, choice)
+            # The plain loss sees every output; the task loss only what the float model keeps.
+            assert set(unit.loss("mse")(moved, target, extra)) == set(unit.loss("task")(moved, target, extra)) | (
+                {"box"} if unit.kind == "rpn" else set())

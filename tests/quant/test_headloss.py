@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from aphq_cli.quant.aph import rpn_task_loss
-from aphq_cli.quant.headloss import (box_delta_l1, class_deltas, class_kl, mask_logit_mse, normalized_sum,
+from aphq_cli.quant.headloss import (box_delta_l1, class_deltas, class_kl, mean_squared_error, normalized_sum,
                                      rpn_terms)
 
 
@@ -33,8 +33,8 @@ def test_box_term_takes_the_float_class_deltas_of_kept_rois_only():
 
 def test_mask_term_is_the_mean_squared_error_and_zero_without_detections():
     a, b = torch.zeros(3, 28, 28), torch.full((3, 28, 28), 2.0)
-    assert mask_logit_mse(a, b).item() == 4.0
-    assert mask_logit_mse(torch.zeros(0, 28, 28), torch.zeros(0, 28, 28)) == 0
+    assert mean_squared_error(a, b).item() == 4.0
+    assert mean_squared_error(torch.zeros(0, 28, 28), torch.zeros(0, 28, 28)) == 0
 
 
 def test_rpn_terms_are_the_task_loss_before_its_normalization():
