@@ -198,6 +198,9 @@ def mlp_recon_cmd(
     data: Optional[Path] = DataOpt,
     device: str = DeviceOpt,
     force: bool = typer.Option(False, "--force", help="Recompute every block even if finished."),
+    keep_cache: bool = typer.Option(
+        False, "--keep-cache",
+        help="Keep RUN/mlp_recon/cache (each block's float MLP inputs and outputs) after the stage ends."),
     quant_config: Optional[str] = QuantConfigOpt,
     trust_checkpoint: bool = TrustOpt,
 ) -> None:
@@ -205,7 +208,8 @@ def mlp_recon_cmd(
     from stages.mlp_recon import mlp_recon
 
     run_stage(mlp_recon, model=model, run=run, iters=iters, images=images, calib_split=calib_split,
-              checkpoint=checkpoint, data=data, device=device, force=force, trust_checkpoint=trust_checkpoint, quant_config=quant_config)
+              checkpoint=checkpoint, data=data, device=device, force=force, trust_checkpoint=trust_checkpoint,
+              quant_config=quant_config, keep_cache=keep_cache)
 
 
 @app.command("reconstruct")

@@ -194,13 +194,17 @@ def mlp_recon(*, model: str, run: Path, iters: int | None = None, images: int | 
               calib_split: str | None = None,
               checkpoint: Path | None = None, data: Path | None = None, device: str = "cpu",
               force: bool = False, trust_checkpoint: bool = False, settings: dict | None = None,
-              quant_config: str | Path | None = None, progress=None, free_space=None) -> StageResult:
+              quant_config: str | Path | None = None, progress=None, free_space=None,
+              keep_cache: bool = False) -> StageResult:
     """Run mlp-recon into ``run/mlp_recon.safetensors``; resumable per block.
 
     Before any cache is filled, the bytes of the MLP and APH caches are
     predicted (``RUN/mlp_recon/disk_plan.json``) and the stage stops if they do not fit.
 
     Args:
+        keep_cache: keep the MLP cache (``RUN/mlp_recon/cache``) once the artifact is written. It
+            only serves a resumed or forced mlp-recon, and it is the largest cache of all at COCO
+            size (about 63 GB for Swin-T's 256 images, docs/scale.md), so by default it goes.
         progress: optional callable ``(description, done, total)``.
         free_space: ``path -> free bytes`` instead of the filesystem's (tests).
     """
@@ -209,7 +213,10 @@ def mlp_recon(*, model: str, run: Path, iters: int | None = None, images: int | 
         quant_config=quant_config, force=force,
         source=lambda: ModelSource.open(model, checkpoint, data, trust_checkpoint=trust_checkpoint),
         images=lambda source, config: source.calibration_dataset(config.calib_split, limit=config.images))
+    io_root = Path(run) / "mlp_recon" / "cache"
     if stage.current:
+        if not keep_cache and distributed.is_main():  # left by an earlier run that kept it, or was cut short
+            TensorCache(io_root).drop("")
         return stage.reused()
     source, config, dataset, inputs = stage.source, stage.config, stage.dataset, stage.inputs
 
@@ -219,7 +226,7 @@ def mlp_recon(*, model: str, run: Path, iters: int | None = None, images: int | 
     blocks = swin_blocks(detector)
     images = source.images(dataset, device)
     block_dir = Path(run) / "mlp_recon" / "blocks"
-    io_cache = TensorCache(Path(run) / "mlp_recon" / "cache", key=stage.cache_key)
+    io_cache = TensorCache(io_root, key=stage.cache_key)
     aph = aph_cache(source, dataset, config.delta)
     header = StageRecord(**stage.header(), mlp_recon=asdict(config), quant_config=stage.quant_config)
     plans = disk_plans(detector, [n for n, _ in blocks], images, io_cache, aph, stage.cache_key)
@@ -263,4 +270,7 @@ def mlp_recon(*, model: str, run: Path, iters: int | None = None, images: int | 
             part = header.with_fields(block=name, losses=losses, total_blocks=len(blocks))
             save_artifact(path, tensors, stage="mlp-recon-block", config=part.to_dict(), inputs=inputs)
         result.update(tensors)
-    return stage.save(result, header.to_dict())
+    saved = stage.save(result, header.to_dict())
+    if not keep_cache:  # the artifact is written: only a rerun of this stage would read the cache
+        io_cache.drop("")
+    return saved
