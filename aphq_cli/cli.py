@@ -226,8 +226,9 @@ def reconstruct_cmd(
     force: bool = typer.Option(False, "--force", help="Recompute every unit even if finished."),
     drop_aph_cache: bool = typer.Option(
         False, "--drop-aph-cache",
-        help="Once done, remove this run's APH weights from the shared cache ($APHQ_CACHE/aph): no later "
-             "stage reads them, but another run on the same checkpoint and images would recompute them."),
+        help="Remove this run's APH weights from the shared cache ($APHQ_CACHE/aph), each unit's once it is "
+             "done: no later stage reads them, but another run on the same checkpoint and images would "
+             "recompute them."),
     quant_config: Optional[str] = QuantConfigOpt,
     trust_checkpoint: bool = TrustOpt,
     trust_config: bool = TrustConfigOpt,

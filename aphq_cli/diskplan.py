@@ -94,8 +94,13 @@ class CachePlan:
                 "to_write_bytes": self.to_write, "entry_bytes": self.entries}
 
 
+# In the joint stream of reconstruct's two caches, the APH cache's entries carry this prefix.
+APH = "aph:"
+
+
 def unit_cache_entries(units: list[str], ios: list[dict[str, dict]], key: str,
-                       loss: str, itemsize: int = 4, neck_target: bool = False) -> list[tuple[str, str, int]]:
+                       loss: str, itemsize: int = 4, neck_target: bool = False,
+                       aph: dict[str, int] | None = None, drop_aph: bool = False) -> list[tuple[str, str, int]]:
     """The fills and drops of reconstruct's unit cache, in order, as ``(op, entry, bytes)``.
 
     Mirrors ``UnitCaches.prepare`` and ``release`` in stages/reconstruct.py
@@ -110,6 +115,9 @@ def unit_cache_entries(units: list[str], ios: list[dict[str, dict]], key: str,
 
     Args:
         ios: per image, per unit name, ``{"in": [shapes], "out": [shapes]}`` (:func:`per_image_shapes`).
+        aph: the APH cache's entry bytes by unit (:func:`aph_plan`), to plan both caches as one
+            stream: a unit's APH entry is made as the unit starts (``aph:<name>``) and, with
+            ``drop_aph`` (``reconstruct --drop-aph-cache``), removed once the unit is done.
     """
     def size(name, side):
         return entry_bytes([outputs(io[name][side]) for io in ios], itemsize, key)
@@ -126,9 +134,13 @@ def unit_cache_entries(units: list[str], ios: list[dict[str, dict]], key: str,
             ops.append(("fill", f"y/{k}", size(name, "out")))
         if loss == "fisher" and name != "neck":
             ops.append(("fill", f"fisher/{k}", size(name, "out")))
+        if aph and name in aph:
+            ops.append(("fill", APH + name, aph[name]))
         ops.append(("peak", "", 0))  # unit k trains here, with its inputs and target present
         if k > 0 and name != "neck":
             ops.append(("drop", f"y/{k - 1}", 0))
+        if aph and name in aph and drop_aph:
+            ops.append(("drop", APH + name, 0))
     return ops
 
 
@@ -161,6 +173,29 @@ def reconstruct_plan(folder: Path, units: list[str], ios: list[dict[str, dict]],
     entries = {entry: size for op, entry, size in ops if op == "fill"}
     present = {k: v for k, v in (complete or {}).items() if k in entries}
     return CachePlan(str(folder), peak_of(ops, present), entries, sum(present.values()))
+
+
+def joint_plan(unit: CachePlan, aph: CachePlan, units: list[str], ios: list[dict[str, dict]], key: str,
+               loss: str, itemsize: int = 4, neck_target: bool = False, drop_aph: bool = False,
+               complete: dict[str, int] | None = None, aph_complete: dict[str, int] | None = None) -> CachePlan:
+    """reconstruct's unit cache and APH cache together, for when they share a filesystem.
+
+    Their peaks come at different times (the unit cache's at the neck, whose
+    inputs are the largest entries, when the APH maps are no longer read), so
+    the disk they need together can be less than the sum of the two peaks;
+    with ``drop_aph`` each unit's APH maps go once it is done.
+
+    Args:
+        unit, aph: the two caches' own plans (:func:`reconstruct_plan`, :func:`aph_plan`).
+        complete, aph_complete: the entries already complete in each (name -> bytes).
+    """
+    if loss == "none" or not units:
+        return CachePlan(unit.folder, 0)
+    ops = unit_cache_entries(units, ios, key, loss, itemsize, neck_target, aph.entries, drop_aph)
+    present = {k: v for k, v in (complete or {}).items() if k in unit.entries}
+    present |= {APH + k: v for k, v in (aph_complete or {}).items() if k in aph.entries}
+    return CachePlan(unit.folder, peak_of(ops, present), unit.entries | {APH + k: v for k, v in aph.entries.items()},
+                     sum(present.values()))
 
 
 def aph_plan(folder: Path, names: list[str], ios: list[dict[str, dict]],
@@ -213,7 +248,8 @@ def gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
-def check_free_space(stage: str, plans: list[tuple[str, CachePlan]], free=None) -> None:
+def check_free_space(stage: str, plans: list[tuple[str, CachePlan]], free=None,
+                     together: CachePlan | None = None) -> None:
     """Refuse to start a stage whose caches will not fit on their filesystems.
 
     Caches on the same filesystem add up. Called before anything is written,
@@ -222,15 +258,21 @@ def check_free_space(stage: str, plans: list[tuple[str, CachePlan]], free=None) 
     Args:
         plans: ``(what, plan)`` pairs; ``what`` names the cache in the message.
         free: ``path -> free bytes`` (tests); default :func:`shutil.disk_usage`.
+        together: all of ``plans`` as one (:func:`joint_plan`): what they need when they all
+            share a filesystem, instead of the sum of their peaks.
     """
     free = free or (lambda p: shutil.disk_usage(p).free)
     by_fs: dict[int, list[tuple[str, CachePlan, Path]]] = {}
     for what, plan in plans:
-        if plan.to_write:
-            where = _existing(Path(plan.folder))
-            by_fs.setdefault(os.stat(where).st_dev, []).append((what, plan, where))
+        where = _existing(Path(plan.folder))
+        by_fs.setdefault(os.stat(where).st_dev, []).append((what, plan, where))
     for group in by_fs.values():
         need = sum(plan.to_write for _, plan, _ in group)
+        if together is not None and len(group) == len(plans):  # one filesystem: their joint peak
+            need = together.to_write
+        if not need:
+            continue
+        group = [item for item in group if item[1].to_write] or group  # the message names what grows
         available = free(group[0][2])
         if need > available:
             names = " and ".join(f"the {what} ({plan.folder}, {gib(plan.to_write)})" for what, plan, _ in group)

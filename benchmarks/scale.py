@@ -44,7 +44,8 @@ import torch  # noqa: E402
 
 from aphq_cli.data.synth import CLASSES, SynthSpec, generate  # noqa: E402
 from benchmarks.run import kept_reading  # noqa: E402
-from aphq_cli.diskplan import aph_plan, folder_bytes, mlp_plan, per_image_shapes, reconstruct_plan  # noqa: E402
+from aphq_cli.diskplan import (aph_plan, folder_bytes, joint_plan, mlp_plan, per_image_shapes,  # noqa: E402
+                               reconstruct_plan)
 from aphq_cli.models.plan import units_of  # noqa: E402
 from aphq_cli.models.zoo import build_model, load_config, resolve_model  # noqa: E402
 
@@ -296,11 +297,16 @@ def published_disk(model: str, images: int = PUBLISHED["images"], size: tuple[in
     ios = per_image_shapes(fp, names, [img] * images, extra={f"{n}.mlp": f"{n}.mlp" for n in blocks})
     key = "0" * 16
     backbone = [n for n in names if n != "neck"]
-    return {"units": len(names),
-            "aph": aph_plan(Path("aph"), backbone, ios).peak,
-            "unit cache float32": reconstruct_plan(Path("unit"), names, ios, key, "aph").peak,
-            "unit cache float16": reconstruct_plan(Path("unit"), names, ios, key, "aph", itemsize=2).peak,
-            "mlp cache": mlp_plan(Path("mlp"), blocks, ios, key).peak}
+    aph = aph_plan(Path("aph"), backbone, ios)
+    found = {"units": len(names), "aph": aph.peak, "mlp cache": mlp_plan(Path("mlp"), blocks, ios, key).peak}
+    for itemsize, dtype in ((4, "float32"), (2, "float16")):
+        unit = reconstruct_plan(Path("unit"), names, ios, key, "aph", itemsize=itemsize)
+        found[f"unit cache {dtype}"] = unit.peak
+        for drop, how in ((False, "kept"), (True, "dropped")):
+            # Both caches on one disk, APH maps already made (by mlp-recon): what reconstruct needs free.
+            both = joint_plan(unit, aph, names, ios, key, "aph", itemsize, drop_aph=drop, aph_complete=aph.entries)
+            found[f"both {dtype} aph {how}"] = both.peak
+    return found
 
 
 def disk_table() -> list[str]:
@@ -308,16 +314,22 @@ def disk_table() -> list[str]:
     w, h = COCO_CANVAS
     lines = [f"## Disk of the published schedule ({PUBLISHED['images']} images, each at {w}x{h})", "",
              "Planned by the stages' own disk planners (`aphq_cli/diskplan.py`, exact per file) from a shape-only "
-             "pass; no weights or images needed. reconstruct holds the APH cache (float16) and at most its unit "
-             "cache's peak (two units' worth) at once; mlp-recon holds the APH cache and its MLP cache (float32).",
-             "", "| model | units | APH (float16) | unit cache peak, float32 | unit cache peak, float16 | "
-             "reconstruct total, float32 / float16 | mlp-recon MLP cache |", "|---|---:|---:|---:|---:|---:|---:|"]
+             "pass; no weights or images needed. The APH cache is float16; the unit cache float32 (default) or "
+             "float16 (`cache_dtype`). reconstruct's two caches on one disk, with the APH maps made beforehand (by "
+             "mlp-recon): the unit cache peaks at the FPN (its inputs are the largest entries) while every APH map "
+             "is still on disk; with `--drop-aph-cache` each unit's maps go once it is done, and the two together "
+             "peak at the first Swin block, below the sum of their peaks. mlp-recon holds "
+             "the APH cache and its MLP cache (float32), which it removes when it ends.",
+             "", "| model | units | APH (float16) | unit cache peak, float32 / float16 | reconstruct, both caches, "
+             "float32 / float16 | the same with `--drop-aph-cache` | mlp-recon MLP cache |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for model in PAPER_MODELS:
         d = published_disk(model)
         gb = {k: v / 1e9 for k, v in d.items()}
-        lines.append(f"| {model} | {d['units']} | {gb['aph']:.1f} GB | {gb['unit cache float32']:.1f} GB | "
-                     f"{gb['unit cache float16']:.1f} GB | {gb['aph'] + gb['unit cache float32']:.1f} / "
-                     f"{gb['aph'] + gb['unit cache float16']:.1f} GB | {gb['mlp cache']:.1f} GB |")
+        lines.append(f"| {model} | {d['units']} | {gb['aph']:.1f} GB | {gb['unit cache float32']:.1f} / "
+                     f"{gb['unit cache float16']:.1f} GB | {gb['both float32 aph kept']:.1f} / "
+                     f"{gb['both float16 aph kept']:.1f} GB | {gb['both float32 aph dropped']:.1f} / "
+                     f"{gb['both float16 aph dropped']:.1f} GB | {gb['mlp cache']:.1f} GB |")
     return lines
 
 

@@ -29,7 +29,7 @@ from aphq_cli.artifacts import load_artifact, load_if_current, save_artifact, sh
 from aphq_cli.data.coco import check_calib_split
 from aphq_cli.devices import resolve_device
 from aphq_cli.diskplan import (CachePlan, aph_plan, check_free_space, complete_entries, folder_bytes, gib,
-                               per_image_shapes, reconstruct_plan, write_plan)
+                               joint_plan, per_image_shapes, reconstruct_plan, write_plan)
 from aphq_cli.errors import AphqError
 from aphq_cli.models.heads import HEAD_LOSSES, float_head_inputs, head_units
 from aphq_cli.models.plan import RPN_TASK, units_of
@@ -482,8 +482,9 @@ def reconstruct(*, run: Path, loss: str | None = None, iters: int | None = None,
     Args:
         heads: also reconstruct the RPN, box and mask heads (``--heads``; beyond the paper).
         trust_config: read the model config file the run's header names (it is Python).
-        drop_aph_cache: once the artifact is written (or found current), remove this run's entry of
-            the shared APH cache: reconstruct is the last stage that reads it.
+        drop_aph_cache: remove this run's entry of the shared APH cache, reconstruct being the
+            last stage that reads it: each unit's maps once the unit is done (so the two caches'
+            joint peak is lower: docs/scale.md), the rest once the artifact is written (or found current).
         progress: optional callable ``(description, done, total)``.
         free_space: ``path -> free bytes`` instead of the filesystem's (tests).
     """
@@ -550,9 +551,9 @@ def reconstruct(*, run: Path, loss: str | None = None, iters: int | None = None,
     caches = UnitCaches(cache, source.images(dataset, dev), dev, heads={k: h.key for k, h in by_index.items()})
     planned = [name for k, (name, _) in enumerate(units) if k not in by_index]
     plans = disk_plans(fp, planned, caches.imgs, config.loss, cache, aph, stage.cache_key,
-                       CACHE_DTYPES[config.cache_dtype].itemsize, neck_target=bool(heads))
+                       CACHE_DTYPES[config.cache_dtype].itemsize, neck_target=bool(heads), drop_aph=drop_aph_cache)
     check_free_space(STAGE, [("reconstruct unit cache", plans["unit_cache"]), ("APH cache", plans["aph_cache"])],
-                     free_space)
+                     free_space, together=plans["both"])
     if main:
         write_plan(blocks.parent / "disk_plan.json", plans, len(dataset), unplanned=[h.name for h in heads])
     for k, (name, unit) in enumerate(units):
@@ -583,6 +584,8 @@ def reconstruct(*, run: Path, loss: str | None = None, iters: int | None = None,
         distributed.barrier()  # nobody still reads what release() deletes
         if main:
             caches.release(k)
+            if drop_aph_cache and config.loss == "aph" and name != "neck" and k not in by_index:
+                aph.drop(name)  # this unit's APH maps: nothing reads them again (the rest go at the end)
     distributed.barrier()
     if not main:
         return StageResult(stage.out, False)
@@ -595,18 +598,22 @@ def reconstruct(*, run: Path, loss: str | None = None, iters: int | None = None,
 
 
 def disk_plans(fp: nn.Module, names: list[str], images, loss: str, cache: TensorCache,
-               aph: TensorCache, key: str, itemsize: int = 4, neck_target: bool = False) -> dict[str, CachePlan]:
+               aph: TensorCache, key: str, itemsize: int = 4, neck_target: bool = False,
+               drop_aph: bool = False) -> dict[str, CachePlan]:
     """What the unit cache and the APH cache will hold for ``names`` (backbone units and the neck).
 
+    ``both`` is the two together, for when they share a filesystem (:func:`joint_plan`).
     The shapes come from float feature passes, one per distinct input shape:
     measured, so any input size, padding or backbone variant is planned as it will run.
     """
     ios, count = per_image_shapes(fp, names, images), len(images)
     backbone = [n for n in names if n != "neck"] if loss == "aph" else []
     unit_names = [f"{p}/{k}" for k in range(len(names)) for p in ("q", "y", "fp", "fisher")]
-    return {"unit_cache": reconstruct_plan(cache.root, names, ios, key, loss,
-                                           complete_entries(cache, unit_names, count), itemsize, neck_target),
-            "aph_cache": aph_plan(aph.root, backbone, ios, complete_entries(aph, backbone, count))}
+    complete, aph_complete = complete_entries(cache, unit_names, count), complete_entries(aph, backbone, count)
+    unit = reconstruct_plan(cache.root, names, ios, key, loss, complete, itemsize, neck_target)
+    maps = aph_plan(aph.root, backbone, ios, aph_complete)
+    both = joint_plan(unit, maps, names, ios, key, loss, itemsize, neck_target, drop_aph, complete, aph_complete)
+    return {"unit_cache": unit, "aph_cache": maps, "both": both}
 
 
 def _drop_aph(aph: TensorCache, report=None) -> None:

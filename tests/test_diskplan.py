@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import save
 
-from aphq_cli.diskplan import (CachePlan, check_free_space, done_marker_bytes, entry_bytes, peak_of,
-                               reconstruct_plan, safetensors_bytes, unit_cache_entries)
+from aphq_cli.diskplan import (CachePlan, aph_plan, check_free_space, done_marker_bytes, entry_bytes, joint_plan,
+                               peak_of, reconstruct_plan, safetensors_bytes, unit_cache_entries)
 from aphq_cli.errors import AphqError
 
 
@@ -110,3 +110,23 @@ def test_a_float16_unit_cache_is_planned_at_half_the_data():
     # 1000 values per entry: 2000 bytes fewer each; the headers ("F32" / "F16") are the same length.
     assert {e: full.entries[e] - half.entries[e] for e in full.entries} == {e: 2000 for e in full.entries}
     assert full.peak - half.peak == 2000 * 3  # unit b: its two inputs and its target
+
+
+def test_the_joint_plan_drops_each_units_aph_maps_after_it(tmp_path):
+    units = ["a", "b", "neck"]
+    ios = [{"a": {"in": [(1, 10)], "out": [(1, 10)]}, "b": {"in": [(1, 10)], "out": [(1, 10)]},
+            "neck": {"in": [(1, 10)], "out": [(1, 40)]}}]
+    unit = reconstruct_plan(tmp_path, units, ios, "", "aph")
+    aph = aph_plan(tmp_path / "aph", ["a", "b"], ios)
+    kept = joint_plan(unit, aph, units, ios, "", "aph")
+    dropped = joint_plan(unit, aph, units, ios, "", "aph", drop_aph=True)
+    e, m = unit.entries, {k: aph.entries[k] for k in ("a", "b")}
+    # Kept: b trains with both maps and its three entries; dropped: a's map is gone by then.
+    assert kept.peak == m["a"] + m["b"] + e["q/1"] + e["y/0"] + e["y/1"]
+    assert dropped.peak == m["b"] + e["q/1"] + e["y/0"] + e["y/1"]
+    # One filesystem: the check uses the joint peak, not the sum of the two caches' peaks.
+    need = unit.peak + aph.peak
+    check_free_space("reconstruct", [("unit cache", unit), ("APH cache", aph)], free=lambda p: dropped.peak,
+                     together=dropped)
+    with pytest.raises(AphqError, match="would write"):
+        check_free_space("reconstruct", [("unit cache", unit), ("APH cache", aph)], free=lambda p: need - 1)

@@ -25,12 +25,14 @@ from stages.reconstruct import reconstruct
 from tests.stages.conftest import FAST_CALIB
 
 
-def peak_meter(folder):
-    """A progress callback that records the most bytes ``folder`` held at any report."""
-    seen = {"peak": 0}
+def peak_meter(folder, *others):
+    """A progress callback that records the most bytes ``folder`` held at any report (``both``: with ``others``)."""
+    seen = {"peak": 0, "both": 0}
 
     def report(description, done, total, loss=None):
-        seen["peak"] = max(seen["peak"], folder_bytes(folder))
+        held = folder_bytes(folder)
+        seen["peak"] = max(seen["peak"], held)
+        seen["both"] = max(seen["both"], held + sum(folder_bytes(o) for o in others))
     return report, seen
 
 
@@ -58,6 +60,19 @@ def test_reconstruct_writes_what_it_predicted_and_drops_the_aph_cache_on_request
     assert "is current" in result.output and "removed APH cache" in result.output
     assert not (tmp_path / "cache" / "aph" / plan["aph_cache"]["folder"].rsplit("/", 1)[1]).exists()
     assert other.is_dir()
+
+
+def test_with_drop_aph_cache_each_units_maps_go_once_it_is_done(calibrated, tmp_path):
+    """The two caches together hold what the joint plan says, less than the sum of their peaks."""
+    aph_root = tmp_path / "cache" / "aph"
+    report, seen = peak_meter(calibrated / "reconstruct" / "cache", aph_root)
+    reconstruct(run=calibrated, loss="aph", settings={"iters": 1, "images": 2}, progress=report,
+                drop_aph_cache=True)
+    plan = json.loads((calibrated / "reconstruct" / "disk_plan.json").read_text())
+    assert plan["both"]["peak_bytes"] == seen["both"] > 0
+    assert plan["both"]["peak_bytes"] < plan["unit_cache"]["peak_bytes"] + plan["aph_cache"]["peak_bytes"]
+    assert plan["unit_cache"]["peak_bytes"] == seen["peak"]
+    assert folder_bytes(aph_root) == 0
 
 
 def test_a_stage_that_would_not_fit_stops_before_writing(calibrated, tmp_path):
