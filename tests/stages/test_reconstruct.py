@@ -307,6 +307,8 @@ def test_one_kind_of_head_alone(calibrated):
     """#18: head_kinds picks the heads to reconstruct (to see where each helps); the rest stay calibrated."""
     with pytest.raises(AphqError, match="head_kinds must name some of rpn, box, mask"):
         ReconstructConfig(head_kinds="roi")
+    with pytest.raises(AphqError, match="head_loss must be one of task, mse, got 'l1'"):
+        ReconstructConfig(head_loss="l1")
     reconstruct(run=calibrated, loss="mse", settings={"iters": 1, "images": 1, "heads": True, "head_kinds": "mask"})
     names = [p.name for p in sorted((calibrated / "reconstruct" / "blocks").glob("*.safetensors"))]
     assert names[12:] == ["12_neck.safetensors", "13_roi_head_mask_head.safetensors"]
