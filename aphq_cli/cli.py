@@ -228,7 +228,7 @@ def reconstruct_cmd(
         False, "--drop-aph-cache",
         help="Remove this run's APH weights from the shared cache ($APHQ_CACHE/aph), each unit's once it is "
              "done: no later stage reads them, but another run on the same checkpoint and images would "
-             "recompute them."),
+             "recompute them (and one running at the same time would miss them)."),
     quant_config: Optional[str] = QuantConfigOpt,
     trust_checkpoint: bool = TrustOpt,
     trust_config: bool = TrustConfigOpt,

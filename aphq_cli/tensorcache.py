@@ -86,4 +86,7 @@ class TensorCache:
         distributed.barrier()
 
     def drop(self, entry: str) -> None:
+        """Remove an entry (``""``: the whole cache); its marker first, so a drop cut short is never complete."""
+        for marker in ([self.root / entry / "DONE"] if entry else sorted(self.root.glob("**/DONE"))):
+            marker.unlink(missing_ok=True)
         shutil.rmtree(self.root / entry, ignore_errors=True)

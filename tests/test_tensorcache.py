@@ -1,0 +1,20 @@
+"""The on-disk tensor cache: a dropped entry is never seen as complete, even if the drop is cut short."""
+
+import pytest
+import torch
+
+from aphq_cli import tensorcache
+from aphq_cli.tensorcache import TensorCache
+
+
+@pytest.mark.parametrize("entry", ["aph/a", ""])
+def test_a_drop_cut_short_leaves_no_complete_entry(tmp_path, monkeypatch, entry):
+    cache = TensorCache(tmp_path, key="k")
+    for name in ("aph/a", "aph/b"):
+        cache.fill(name, 2, lambda i: {"t": torch.full((3,), float(i))})
+    assert cache.complete("aph/a", 2) and cache.complete("aph/b", 2)
+    # A kill during the removal of the files: here, none of them removed.
+    monkeypatch.setattr(tensorcache.shutil, "rmtree", lambda *a, **kw: None)
+    cache.drop(entry)
+    assert not cache.complete("aph/a", 2)
+    assert cache.complete("aph/b", 2) == (entry != "")
