@@ -40,7 +40,7 @@ What is shimmed for the published code (only while its code runs, undone
 after each call), and nothing else:
 
 * ``torch.Tensor.cuda`` and ``torch.nn.Module.cuda`` return ``self`` (its
-  ``.cuda()`` calls keep tensors on the CPU);
+  calls to them keep tensors on the CPU);
 * ``torch.cuda.empty_cache`` does nothing;
 * during its calibration only, ``torch.cuda.is_available`` returns True and
   ``torch.cuda.get_device_properties`` reports a 16 GiB device: its matmul
