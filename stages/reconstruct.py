@@ -584,8 +584,8 @@ def reconstruct(*, run: Path, loss: str | None = None, iters: int | None = None,
         distributed.barrier()  # nobody still reads what release() deletes
         if main:
             caches.release(k)
-            if drop_aph_cache and config.loss == "aph" and name != "neck" and k not in by_index:
-                aph.drop(name)  # this unit's APH maps: nothing reads them again (the rest go at the end)
+            if drop_aph_cache:  # this unit's APH maps (if it has any): nothing reads them again
+                aph.drop(name)
     distributed.barrier()
     if not main:
         return StageResult(stage.out, False)
