@@ -59,6 +59,7 @@ class ReconstructConfig:
     loss: str = "aph"
     iters: int = 20000
     images: int = 256
+    images_per_iter: int = 1  # images whose losses one Adam step averages (the published code: 1)
     w_lr: float = 1e-3  # Adam's default, for the rounding variables
     a_lr: float = 4e-5
     drop_prob: float = 0.5  # QDrop: probability that a quantized input keeps its quantized value
@@ -78,9 +79,10 @@ class ReconstructConfig:
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
             raise AphqError(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
-        for name in ("iters", "images"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise AphqError(f"--{name} must be a positive integer, got {getattr(self, name)}")
+        for name in ("--iters", "--images", "images_per_iter"):
+            value = getattr(self, name.lstrip("-"))
+            if not isinstance(value, int) or value < 1:
+                raise AphqError(f"{name} must be a positive integer, got {value}")
         for name in ("drop_prob", "quant_ratio", "warmup"):
             if not 0 <= getattr(self, name) <= 1:
                 raise AphqError(f"{name} must be in [0, 1], got {getattr(self, name)}")
@@ -256,38 +258,36 @@ def reconstruct_unit(unit: nn.Module, caches: "UnitCaches", k: int, weights, con
                 caches.extra(k, i) if head_loss is not None else None,
                 weights(i) if head_loss is None else None)
 
+    def image_loss(x_fp, x_q, target, extra, weight):
+        """One image's loss (normalized, before the regularizer) and its reconstruction term; None: nothing to match."""
+        with part("mix"):
+            x = [qdrop_mix(a, b, config.quant_ratio, gen) for a, b in zip(x_q, x_fp)]
+        if head_loss is not None:
+            with part("forward"):
+                out = _as_list(_run_unit(unit, x, extra))
+            with part("loss"):
+                loss = normalized_sum(head_loss(out, target, extra), firsts)
+            if loss is None:  # nothing to match on this image yet (no kept RoI, no detection)
+                return None
+            return loss, loss.detach() / 2  # recorded: the mean of the normalized terms
+        nonlocal first
+        with part("forward"):
+            out = _as_list(_run_unit(unit, x if len(x) > 1 else x[0]))
+        with part("loss"):
+            rec = unit_loss(out, target, weight)
+            if first is None:
+                first = rec.detach().clamp_min(1e-12)
+            return 2 * rec / first, rec.detach() / first
+
+    # Each step averages the loss of `per` consecutive images, one forward and backward at a time
+    # (gradients accumulate), so memory stays that of one image whatever `per` is.
+    per, total = config.images_per_iter, config.iters * config.images_per_iter
     # The next image's entries are read while this one computes (reads are file loads and copies,
     # no random numbers, so the result is the same); on a GPU they would otherwise stall it.
     reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aphq-cache-read")
     ahead = reader.submit(read, 0)
     try:
         for step in range(config.iters):
-            with part("read"):  # the wait for what the read-ahead has not finished
-                x_fp, x_q, target, extra, weight = ahead.result()
-                if step + 1 < config.iters:  # images in order, as the published code takes them
-                    ahead = reader.submit(read, (step + 1) % caches.count)
-            with part("mix"):
-                x = [qdrop_mix(a, b, config.quant_ratio, gen) for a, b in zip(x_q, x_fp)]
-            if head_loss is not None:
-                with part("forward"):
-                    out = _as_list(_run_unit(unit, x, extra))
-                with part("loss"):
-                    loss = normalized_sum(head_loss(out, target, extra), firsts)
-                if loss is None:  # nothing to match on this image yet (no kept RoI, no detection)
-                    continue
-                rec, first = loss.detach() / 2, 1.0  # recorded: the mean of the normalized terms
-            else:
-                with part("forward"):
-                    out = _as_list(_run_unit(unit, x if len(x) > 1 else x[0]))
-                with part("loss"):
-                    rec = unit_loss(out, target, weight)
-                    if first is None:
-                        first = rec.detach().clamp_min(1e-12)
-                    loss = 2 * rec / first
-            with part("loss"):
-                beta = beta_schedule(step, config.iters, config.warmup)
-                if beta is not None:
-                    loss = loss + config.reg_weight * sum(rounding_regularizer(s.alpha, beta) for s in soft.values())
             with part("backward"):
                 if opt_a is not None:  # activation scales: cosine decay (method.md §6)
                     for g in opt_a.param_groups:
@@ -295,7 +295,30 @@ def reconstruct_unit(unit: nn.Module, caches: "UnitCaches", k: int, weights, con
                 opt_w.zero_grad()
                 if opt_a is not None:
                     opt_a.zero_grad()
-                loss.backward()
+            matched = []  # the reconstruction terms of this step's images
+            for j in range(per):
+                i = step * per + j
+                with part("read"):  # the wait for what the read-ahead has not finished
+                    cached = ahead.result()
+                    if i + 1 < total:  # images in order, as the published code takes them
+                        ahead = reader.submit(read, (i + 1) % caches.count)
+                found = image_loss(*cached)
+                if found is None:
+                    continue
+                loss, rec = found
+                if per > 1:
+                    loss = loss / per
+                if not matched:  # the regularizer once per step, with its first image that has a loss
+                    with part("loss"):
+                        beta = beta_schedule(step, config.iters, config.warmup)
+                        if beta is not None:
+                            loss = loss + config.reg_weight * sum(rounding_regularizer(s.alpha, beta)
+                                                                  for s in soft.values())
+                matched.append(rec)
+                with part("backward"):
+                    loss.backward()
+            if not matched:
+                continue
             with part("step"):
                 opt_w.step()
                 if opt_a is not None:
@@ -303,12 +326,13 @@ def reconstruct_unit(unit: nn.Module, caches: "UnitCaches", k: int, weights, con
                     with torch.no_grad():
                         for s in scales:
                             s.clamp_(min=1e-8)
+            # The reconstruction term alone, relative to the first step's (the rounding
+            # regularizer's scale is the number of weights, which would swamp it).
+            rec = matched[0] if per == 1 else torch.stack(matched).mean()
             if (step + 1) % max(1, config.iters // 10) == 0:
-                # The reconstruction term alone, relative to the first step's (the rounding
-                # regularizer's scale is the number of weights, which would swamp it).
-                losses.append(float(rec.detach() / first))
+                losses.append(float(rec))
             if progress is not None:  # the reconstruction error relative to the first step (as recorded)
-                progress(step + 1, config.iters, rec.detach() / first)
+                progress(step + 1, config.iters, rec)
     finally:
         reader.shutdown(wait=True, cancel_futures=True)
         with torch.no_grad():

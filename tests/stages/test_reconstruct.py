@@ -248,6 +248,63 @@ def test_images_are_taken_in_order():
     reconstruct_unit(unit, Caches(), 0, lambda i: None, ReconstructConfig(iters=7), seed=0)
     assert asked[::2] == [0, 1, 2, 0, 1, 2, 0]
 
+    asked.clear()
+    reconstruct_unit(unit, Caches(), 0, lambda i: None, ReconstructConfig(iters=4, images_per_iter=2), seed=0)
+    assert asked[::2] == [0, 1, 2, 0, 1, 2, 0, 1]
+
+
+def test_a_step_of_two_images_averages_their_losses():
+    """images_per_iter=2 on the images a, a, b, b learns what one image per step learns on a, b: each
+    step's gradient is the mean of its images' (QDrop and the regularizer off, so no draw differs)."""
+    import copy
+
+    from aphq_cli.models.plan import quantize_model
+    from aphq_cli.models.swin import SwinBlock
+    from aphq_cli.quant.calib import minmax_calibrate
+    from stages.reconstruct import reconstruct_unit
+
+    torch.manual_seed(0)
+    block = SwinBlock(16, 2, 4, 2, 4.0, True, None, 0.0, 0.0, 0.0).eval()
+    xs = [torch.randn(1, 10, 10, 16) for _ in range(2)]
+    with torch.no_grad():
+        targets = [block(x) for x in xs]
+    unit = quantize_model(torch.nn.Sequential(block), 4, 4)[0]
+    minmax_calibrate(unit, xs[0])
+    aph = [torch.rand(1, 10, 10, 16) + 0.5 for _ in xs]
+
+    class Caches:
+        def __init__(self, order):
+            self.order, self.count = order, len(order)
+
+        def fp_in(self, k, i):
+            return xs[self.order[i]]
+
+        def q_in(self, k, i):
+            return xs[self.order[i]] * 1.05
+
+        def target(self, k, i):
+            return targets[self.order[i]]
+
+    plain = dict(iters=12, warmup=1.0, drop_prob=1.0, quant_ratio=1.0)
+    one, two = copy.deepcopy(unit), copy.deepcopy(unit)
+    reconstruct_unit(one, Caches([0, 1]), 1, lambda i: aph[i], ReconstructConfig(**plain), seed=3)
+    reconstruct_unit(two, Caches([0, 0, 1, 1]), 1, lambda i: aph[i // 2],
+                     ReconstructConfig(**plain, images_per_iter=2), seed=3)
+    learned = [k for k, v in one.state_dict().items() if not torch.equal(v, unit.state_dict()[k])]
+    assert any(k.endswith("scale") for k in learned)
+    for key, value in one.state_dict().items():
+        assert torch.equal(two.state_dict()[key], value), key
+    # With distinct images in a step, it learns something else than one image per step.
+    other = copy.deepcopy(unit)
+    reconstruct_unit(other, Caches([0, 1]), 1, lambda i: aph[i], ReconstructConfig(**plain, images_per_iter=2),
+                     seed=3)
+    assert any(not torch.equal(other.state_dict()[k], one.state_dict()[k]) for k in learned)
+
+
+def test_images_per_iter_is_checked():
+    assert ReconstructConfig().images_per_iter == 1
+    with pytest.raises(AphqError, match="^images_per_iter must be a positive integer, got 0"):
+        ReconstructConfig(images_per_iter=0)
 
 HEADS = {"iters": 3, "images": 2, "heads": True}
 
