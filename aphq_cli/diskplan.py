@@ -31,22 +31,28 @@ from aphq_cli.errors import AphqError
 Shapes = dict[str, tuple[int, ...]]  # the tensors of one cache file: name -> shape
 
 _DTYPE_NAMES = {4: "F32", 2: "F16"}  # itemsize -> safetensors dtype name, for the floating caches
+# Tensors a cache stores as they are (not in its floating dtype): the head records' labels and flags.
+_STORED_AS_IS = {torch.int64: (8, "I64"), torch.bool: (1, "BOOL")}
 
 
-def safetensors_bytes(shapes: Shapes, itemsize: int) -> int:
-    """Size of the safetensors file ``safetensors.torch.save`` writes for these tensors of one dtype.
+def safetensors_bytes(shapes: Shapes, itemsize: int, dtypes: dict[str, torch.dtype] | None = None) -> int:
+    """Size of the safetensors file ``safetensors.torch.save`` writes for these tensors.
 
     Its layout: an 8-byte length, a compact JSON header (tensor names in
     sorted order, each with dtype, shape and data offsets) padded with spaces
     to a multiple of 8, then the data. The offsets' digits are part of the
     header, which is why it is built here rather than estimated.
+
+    Args:
+        itemsize: bytes of a floating value (the cache's dtype).
+        dtypes: the tensors that are not floating (``name -> torch.int64 or torch.bool``).
     """
     header, offset = {}, 0
     for name in sorted(shapes):
-        size = itemsize
+        size, dtype = _STORED_AS_IS.get((dtypes or {}).get(name), (itemsize, _DTYPE_NAMES[itemsize]))
         for dim in shapes[name]:
             size *= int(dim)
-        header[name] = {"dtype": _DTYPE_NAMES[itemsize], "shape": [int(d) for d in shapes[name]],
+        header[name] = {"dtype": dtype, "shape": [int(d) for d in shapes[name]],
                         "data_offsets": [offset, offset + size]}
         offset += size
     text = len(json.dumps(header, separators=(",", ":")))
@@ -58,9 +64,10 @@ def done_marker_bytes(count: int, key: str) -> int:
     return len(json.dumps({"count": count, "key": key}))
 
 
-def entry_bytes(per_image: list[Shapes], itemsize: int, key: str) -> int:
+def entry_bytes(per_image: list[Shapes], itemsize: int, key: str, dtypes: dict[str, torch.dtype] | None = None) -> int:
     """A complete cache entry: one file per image (each its own shapes) and the marker."""
-    return sum(safetensors_bytes(shapes, itemsize) for shapes in per_image) + done_marker_bytes(len(per_image), key)
+    return (sum(safetensors_bytes(shapes, itemsize, dtypes) for shapes in per_image)
+            + done_marker_bytes(len(per_image), key))
 
 
 def outputs(shapes: list[tuple[int, ...]]) -> Shapes:
@@ -94,24 +101,43 @@ class CachePlan:
                 "to_write_bytes": self.to_write, "entry_bytes": self.entries}
 
 
+@dataclass(frozen=True)
+class HeadPlan:
+    """The head units' entries of reconstruct's unit cache (``--heads``), in bytes.
+
+    Attributes:
+        records: ``rec``, the float model's RoIs and choices per image (an upper bound).
+        targets: each head unit's float outputs ``y/<k>``, in unit order (upper bounds:
+            as many RoIs per image as the test configs allow).
+    """
+
+    records: int
+    targets: list[int]
+
+
 # In the joint stream of reconstruct's two caches, the APH cache's entries carry this prefix.
 APH = "aph:"
 
 
 def unit_cache_entries(units: list[str], ios: list[dict[str, dict]], key: str,
                        loss: str, itemsize: int = 4, neck_target: bool = False,
-                       aph: dict[str, int] | None = None, drop_aph: bool = False) -> list[tuple[str, str, int]]:
+                       aph: dict[str, int] | None = None, drop_aph: bool = False,
+                       heads: HeadPlan | None = None) -> list[tuple[str, str, int]]:
     """The fills and drops of reconstruct's unit cache, in order, as ``(op, entry, bytes)``.
 
-    Mirrors ``UnitCaches.prepare`` and ``release`` in stages/reconstruct.py
-    (backbone units and the neck; heads are not planned): unit k fills its
-    quantized input ``q/k`` (unit k-1's output; the image for k = 0 is not
-    cached), which makes ``q/(k-1)`` obsolete, then its float output ``y/k``;
-    once k is done its float input ``y/(k-1)`` goes. The neck fills ``fp/k``
-    and ``q/k`` with the backbones' outputs after the last backbone unit's
-    entries go. Fisher weights ``fisher/k`` stay to the end. The neck's target
+    Mirrors ``UnitCaches.prepare`` and ``release`` in stages/reconstruct.py:
+    unit k fills its quantized input ``q/k`` (unit k-1's output; the image
+    for k = 0 is not cached), which makes ``q/(k-1)`` obsolete, then its
+    float output ``y/k``; once k is done its float input ``y/(k-1)`` goes.
+    The neck fills ``fp/k`` and ``q/k`` with the backbones' outputs after the
+    last backbone unit's entries go, and its float input goes once it is
+    done. Fisher weights ``fisher/k`` stay to the end. The neck's target
     ``y/k`` is on disk only with head units (``neck_target``); without them
-    it is computed as it is read.
+    it is computed as it is read. The head units (``heads``) follow the neck:
+    the first fills the reconstructed neck's outputs ``q/heads`` (the size of
+    the neck's) and the float records ``rec``, after which the neck's
+    quantized input goes; each head then fills its float outputs and drops
+    them once done.
 
     Args:
         ios: per image, per unit name, ``{"in": [shapes], "out": [shapes]}`` (:func:`per_image_shapes`).
@@ -139,8 +165,16 @@ def unit_cache_entries(units: list[str], ios: list[dict[str, dict]], key: str,
         ops.append(("peak", "", 0))  # unit k trains here, with its inputs and target present
         if k > 0 and name != "neck":
             ops.append(("drop", f"y/{k - 1}", 0))
+        if name == "neck":
+            ops.append(("drop", f"fp/{k}", 0))
         if aph and name in aph and drop_aph:
             ops.append(("drop", APH + name, 0))
+    if heads and heads.targets:
+        neck = units.index("neck")
+        ops += [("fill", "q/heads", size("neck", "out")), ("fill", "rec", heads.records),
+                ("drop", f"q/{neck}", 0)]
+        for k, target in enumerate(heads.targets, start=len(units)):
+            ops += [("fill", f"y/{k}", target), ("peak", "", 0), ("drop", f"y/{k}", 0)]
     return ops
 
 
@@ -159,17 +193,18 @@ def peak_of(ops: list[tuple[str, str, int]], present: dict[str, int] | None = No
 
 def reconstruct_plan(folder: Path, units: list[str], ios: list[dict[str, dict]], key: str, loss: str,
                      complete: dict[str, int] | None = None, itemsize: int = 4,
-                     neck_target: bool = False) -> CachePlan:
+                     neck_target: bool = False, heads: HeadPlan | None = None) -> CachePlan:
     """The unit cache of reconstruct (``RUN/reconstruct/cache``; float32, or float16 with ``cache_dtype``).
 
     Args:
         complete: bytes of the entries already complete on disk (name -> bytes).
         itemsize: bytes per stored value (4, or 2 for a float16 cache).
         neck_target: the neck's float outputs are cached (with head units, which read them).
+        heads: the head units' entries (:class:`HeadPlan`), with ``--heads``.
     """
     if loss == "none" or not units:
         return CachePlan(str(folder), 0)
-    ops = unit_cache_entries(units, ios, key, loss, itemsize, neck_target)
+    ops = unit_cache_entries(units, ios, key, loss, itemsize, neck_target, heads=heads)
     entries = {entry: size for op, entry, size in ops if op == "fill"}
     present = {k: v for k, v in (complete or {}).items() if k in entries}
     return CachePlan(str(folder), peak_of(ops, present), entries, sum(present.values()))
@@ -177,7 +212,8 @@ def reconstruct_plan(folder: Path, units: list[str], ios: list[dict[str, dict]],
 
 def joint_plan(unit: CachePlan, aph: CachePlan, units: list[str], ios: list[dict[str, dict]], key: str,
                loss: str, itemsize: int = 4, neck_target: bool = False, drop_aph: bool = False,
-               complete: dict[str, int] | None = None, aph_complete: dict[str, int] | None = None) -> CachePlan:
+               complete: dict[str, int] | None = None, aph_complete: dict[str, int] | None = None,
+               heads: HeadPlan | None = None) -> CachePlan:
     """reconstruct's unit cache and APH cache together, for when they share a filesystem.
 
     Their peaks come at different times (the unit cache's at the neck, whose
@@ -191,7 +227,7 @@ def joint_plan(unit: CachePlan, aph: CachePlan, units: list[str], ios: list[dict
     """
     if loss == "none" or not units:
         return CachePlan(unit.folder, 0)
-    ops = unit_cache_entries(units, ios, key, loss, itemsize, neck_target, aph.entries, drop_aph)
+    ops = unit_cache_entries(units, ios, key, loss, itemsize, neck_target, aph.entries, drop_aph, heads)
     present = {k: v for k, v in (complete or {}).items() if k in unit.entries}
     present |= {APH + k: v for k, v in (aph_complete or {}).items() if k in aph.entries}
     return CachePlan(unit.folder, peak_of(ops, present), unit.entries | {APH + k: v for k, v in aph.entries.items()},

@@ -46,8 +46,10 @@ from aphq_cli.data.synth import CLASSES, SynthSpec, generate  # noqa: E402
 from benchmarks.run import kept_reading  # noqa: E402
 from aphq_cli.diskplan import (aph_plan, folder_bytes, joint_plan, mlp_plan, per_image_shapes,  # noqa: E402
                                reconstruct_plan)
+from aphq_cli.models.heads import head_units  # noqa: E402
 from aphq_cli.models.plan import units_of  # noqa: E402
 from aphq_cli.models.zoo import build_model, load_config, resolve_model  # noqa: E402
+from stages.reconstruct import head_plan_of  # noqa: E402
 
 MODELS = ("mask-rcnn-swin-t", "cascade-mask-rcnn-swin-s")
 PAPER_MODELS = ("mask-rcnn-swin-t", "mask-rcnn-swin-s", "cascade-mask-rcnn-swin-t", "cascade-mask-rcnn-swin-s")
@@ -299,9 +301,14 @@ def published_disk(model: str, images: int = PUBLISHED["images"], size: tuple[in
     backbone = [n for n in names if n != "neck"]
     aph = aph_plan(Path("aph"), backbone, ios)
     found = {"units": len(names), "aph": aph.peak, "mlp cache": mlp_plan(Path("mlp"), blocks, ios, key).peak}
+    heads = [h.name for h in head_units(fp)]
     for itemsize, dtype in ((4, "float32"), (2, "float16")):
         unit = reconstruct_plan(Path("unit"), names, ios, key, "aph", itemsize=itemsize)
         found[f"unit cache {dtype}"] = unit.peak
+        # With --heads (beyond the paper): the FPN's outputs stay for the heads, which add their own entries.
+        found[f"unit cache {dtype} heads"] = reconstruct_plan(
+            Path("unit"), names, ios, key, "aph", itemsize=itemsize, neck_target=True,
+            heads=head_plan_of(fp, ios, heads, key, itemsize)).peak
         for drop, how in ((False, "kept"), (True, "dropped")):
             # Both caches on one disk, APH maps already made (by mlp-recon): what reconstruct needs free.
             both = joint_plan(unit, aph, names, ios, key, "aph", itemsize, drop_aph=drop, aph_complete=aph.entries)
@@ -319,18 +326,32 @@ def disk_table() -> list[str]:
              "mlp-recon): the unit cache peaks at the FPN (its inputs are the largest entries) while every APH map "
              "is still on disk; with `--drop-aph-cache` each unit's maps go once it is done, and the two together "
              "peak at the first Swin block, below the sum of their peaks. mlp-recon holds "
-             "the APH cache and its MLP cache (float32), which it removes when it ends.",
+             "the APH cache and its MLP cache (float32), which it removes when it ends. With `--heads` (beyond "
+             "the paper) the FPN's float and quantized outputs stay on disk for the head units, so the unit cache "
+             "peaks as the heads start; the heads' own entries are planned at the most RoIs the test configs "
+             "allow (1000 proposals, 100 detections per image).",
              "", "| model | units | APH (float16) | unit cache peak, float32 / float16 | reconstruct, both caches, "
-             "float32 / float16 | the same with `--drop-aph-cache` | mlp-recon MLP cache |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "float32 / float16 | the same with `--drop-aph-cache` | unit cache peak with `--heads`, "
+             "float32 / float16 | mlp-recon MLP cache |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for model in PAPER_MODELS:
         d = published_disk(model)
         gb = {k: v / 1e9 for k, v in d.items()}
         lines.append(f"| {model} | {d['units']} | {gb['aph']:.1f} GB | {gb['unit cache float32']:.1f} / "
                      f"{gb['unit cache float16']:.1f} GB | {gb['both float32 aph kept']:.1f} / "
                      f"{gb['both float16 aph kept']:.1f} GB | {gb['both float32 aph dropped']:.1f} / "
-                     f"{gb['both float16 aph dropped']:.1f} GB | {gb['mlp cache']:.1f} GB |")
+                     f"{gb['both float16 aph dropped']:.1f} GB | {gb['unit cache float32 heads']:.1f} / "
+                     f"{gb['unit cache float16 heads']:.1f} GB | {gb['mlp cache']:.1f} GB |")
     return lines
+
+
+def with_disk_section(text: str, section: str, reading: str) -> str:
+    """``text`` (a scale.md) with its disk section replaced by ``section``; the measured tables stay."""
+    start = text.find("## Disk of the published schedule")
+    if start < 0:
+        return "\n".join(["# Cost at scale", "", section]) + reading
+    end = text.find("\n## ", start + 1)
+    return text[:start] + section + (text[end + 1:] if end >= 0 else reading)
 
 
 def hours(seconds: float) -> str:
@@ -400,8 +421,8 @@ def main(argv: list[str] | None = None) -> int:
     command = "$ .venv/bin/python benchmarks/scale.py " + " ".join(sys.argv[1:] if argv is None else argv)
     reading = kept_reading(args.out)  # the hand-written "## Reading" at the end stays
     if args.disk_only:
-        args.out.write_text("\n".join(["# Cost at scale", "", *disk_table(), "", "```bash", command, "```", ""])
-                            + reading)
+        section = "\n".join([*disk_table(), "", "```bash", command, "```", "", ""])
+        args.out.write_text(with_disk_section(args.out.read_text() if args.out.exists() else "", section, reading))
         print(args.out)
         return 0
     if args.iters < 2 or min(args.images) < 2:

@@ -28,10 +28,11 @@ from aphq_cli import distributed
 from aphq_cli.artifacts import load_artifact, load_if_current, save_artifact, sha256_file
 from aphq_cli.data.coco import check_calib_split
 from aphq_cli.devices import resolve_device
-from aphq_cli.diskplan import (CachePlan, aph_plan, check_free_space, complete_entries, folder_bytes, gib,
-                               joint_plan, per_image_shapes, reconstruct_plan, write_plan)
+from aphq_cli.diskplan import (CachePlan, HeadPlan, aph_plan, check_free_space, complete_entries, entry_bytes,
+                               folder_bytes, gib, joint_plan, outputs, per_image_shapes, reconstruct_plan,
+                               write_plan)
 from aphq_cli.errors import AphqError
-from aphq_cli.models.heads import HEAD_LOSSES, float_head_inputs, head_units
+from aphq_cli.models.heads import HEAD_LOSSES, float_head_inputs, head_cache_shapes, head_units
 from aphq_cli.models.plan import RPN_TASK, units_of
 from aphq_cli.quant.adaround import (beta_schedule, init_alpha, qdrop_mix, rounding_regularizer, soft_quantize_floor,
                                      soft_quantize_weight)
@@ -455,12 +456,15 @@ class UnitCaches:
         """Unit k is done (rank 0, after a barrier): the inputs only it read go.
 
         A backbone unit's float input ``y/<k-1>`` (its own output stays: the
-        next unit's float input); a head's float outputs. The FPN outputs and
-        the float records the heads read stay to the end.
+        next unit's float input); the neck's float input ``fp/<k>``; a head's
+        float outputs. The FPN outputs and the float records the heads read
+        stay to the end.
         """
         if k in self.heads:
             self._drop(f"y/{k}")
-        elif 0 < k != self.neck:
+        elif k == self.neck:  # its float input (its target stays: the heads' float input)
+            self._drop(f"fp/{k}")
+        elif k > 0:
             self._drop(f"y/{k - 1}")
 
     def _drop(self, *entries: str) -> None:
@@ -575,11 +579,12 @@ def reconstruct(*, run: Path, loss: str | None = None, iters: int | None = None,
     caches = UnitCaches(cache, source.images(dataset, dev), dev, heads={k: h.key for k, h in by_index.items()})
     planned = [name for k, (name, _) in enumerate(units) if k not in by_index]
     plans = disk_plans(fp, planned, caches.imgs, config.loss, cache, aph, stage.cache_key,
-                       CACHE_DTYPES[config.cache_dtype].itemsize, neck_target=bool(heads), drop_aph=drop_aph_cache)
+                       CACHE_DTYPES[config.cache_dtype].itemsize, drop_aph=drop_aph_cache,
+                       heads=[h.name for h in heads])
     check_free_space(STAGE, [("reconstruct unit cache", plans["unit_cache"]), ("APH cache", plans["aph_cache"])],
                      free_space, together=plans["both"])
     if main:
-        write_plan(blocks.parent / "disk_plan.json", plans, len(dataset), unplanned=[h.name for h in heads])
+        write_plan(blocks.parent / "disk_plan.json", plans, len(dataset))
     for k, (name, unit) in enumerate(units):
         twin = twins[name] if k in by_index else fp.get_submodule(name)
         caches.prepare(k, name, unit, twin, detector, fp, units[k - 1][1] if k else None, report)
@@ -622,22 +627,42 @@ def reconstruct(*, run: Path, loss: str | None = None, iters: int | None = None,
 
 
 def disk_plans(fp: nn.Module, names: list[str], images, loss: str, cache: TensorCache,
-               aph: TensorCache, key: str, itemsize: int = 4, neck_target: bool = False,
-               drop_aph: bool = False) -> dict[str, CachePlan]:
-    """What the unit cache and the APH cache will hold for ``names`` (backbone units and the neck).
+               aph: TensorCache, key: str, itemsize: int = 4, drop_aph: bool = False,
+               heads: list[str] | None = None) -> dict[str, CachePlan]:
+    """What the unit cache and the APH cache will hold for ``names`` (backbone units and the neck) and ``heads``.
 
     ``both`` is the two together, for when they share a filesystem (:func:`joint_plan`).
     The shapes come from float feature passes, one per distinct input shape:
     measured, so any input size, padding or backbone variant is planned as it will run.
+    A head unit's entries hold as many RoIs as the image turns out to have, so they are
+    planned at the most the test configs allow (:func:`~aphq_cli.models.heads.head_cache_shapes`).
     """
     ios, count = per_image_shapes(fp, names, images), len(images)
     backbone = [n for n in names if n != "neck"] if loss == "aph" else []
-    unit_names = [f"{p}/{k}" for k in range(len(names)) for p in ("q", "y", "fp", "fisher")]
-    complete, aph_complete = complete_entries(cache, unit_names, count), complete_entries(aph, backbone, count)
-    unit = reconstruct_plan(cache.root, names, ios, key, loss, complete, itemsize, neck_target)
+    head_plan = head_plan_of(fp, ios, heads, key, itemsize) if heads else None
+    unit_names = [f"{p}/{k}" for k in range(len(names) + len(heads or [])) for p in ("q", "y", "fp", "fisher")]
+    complete = complete_entries(cache, unit_names + ["q/heads", "rec"], count)
+    aph_complete = complete_entries(aph, backbone, count)
+    unit = reconstruct_plan(cache.root, names, ios, key, loss, complete, itemsize, bool(heads), head_plan)
     maps = aph_plan(aph.root, backbone, ios, aph_complete)
-    both = joint_plan(unit, maps, names, ios, key, loss, itemsize, neck_target, drop_aph, complete, aph_complete)
+    both = joint_plan(unit, maps, names, ios, key, loss, itemsize, bool(heads), drop_aph, complete, aph_complete,
+                      head_plan)
     return {"unit_cache": unit, "aph_cache": maps, "both": both}
+
+
+def head_plan_of(fp: nn.Module, ios: list[dict], heads: list[str], key: str, itemsize: int) -> HeadPlan:
+    """The head units' entries per image, from each image's FPN output shapes (one meta pass per distinct one)."""
+    by_feats: dict[tuple, tuple] = {}
+    for io in ios:
+        feats = tuple(tuple(s) for s in io["neck"]["out"])
+        if feats not in by_feats:
+            by_feats[feats] = head_cache_shapes(fp, list(feats))
+    found = [by_feats[tuple(tuple(s) for s in io["neck"]["out"])] for io in ios]
+    dtypes = {name: dtype for name, (_, dtype) in found[0][0].items() if not dtype.is_floating_point}
+    records = entry_bytes([{name: shape for name, (shape, _) in rec.items()} for rec, _ in found], itemsize, key,
+                          dtypes)
+    targets = [entry_bytes([outputs(outs[name]) for _, outs in found], itemsize, key) for name in heads]
+    return HeadPlan(records, targets)
 
 
 def _drop_aph(aph: TensorCache, report=None) -> None:

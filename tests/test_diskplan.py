@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save
 
-from aphq_cli.diskplan import (CachePlan, aph_plan, check_free_space, done_marker_bytes, entry_bytes, joint_plan,
+from aphq_cli.diskplan import (CachePlan, HeadPlan, aph_plan, check_free_space, done_marker_bytes, entry_bytes, joint_plan,
                                peak_of, reconstruct_plan, safetensors_bytes, unit_cache_entries)
 from aphq_cli.errors import AphqError
 
@@ -49,8 +49,9 @@ def test_unit_cache_drops_each_entry_once_nothing_reads_it():
     fills = [e for op, e, _ in ops if op == "fill"]
     assert fills == ["y/0", "q/1", "y/1", "q/2", "y/2", "fp/3", "q/3", "y/3"]
     drops = [e for op, e, _ in ops if op == "drop"]
-    # q/0 never exists (unit 0 reads the image): dropping it is a no-op.
-    assert drops == ["q/0", "y/0", "q/1", "y/1", "q/2", "y/2"]
+    # q/0 never exists (unit 0 reads the image): dropping it is a no-op. The neck's float input goes
+    # once it is done (its target stays for the heads).
+    assert drops == ["q/0", "y/0", "q/1", "y/1", "q/2", "y/2", "fp/3"]
     sizes = {e: s for op, e, s in ops if op == "fill"}
     held, peaks = {}, []
     for op, entry, size in ops:
@@ -66,6 +67,29 @@ def test_unit_cache_drops_each_entry_once_nothing_reads_it():
     moments = [["q/1", "y/0", "y/1"], ["q/1", "q/2", "y/1"], ["q/2", "y/1", "y/2"], ["fp/3", "q/3", "y/3"]]
     assert peak_of(ops) == max(sum(sizes[e] for e in moment) for moment in moments)
 
+
+def test_head_units_follow_the_neck_with_the_fpn_outputs_and_records():
+    """The first head makes the reconstructed FPN's outputs (the neck target's size) and the float records,
+    after which the neck's quantized input goes; each head trains with its own target, then drops it."""
+    units = ["a", "neck"]
+    ops = unit_cache_entries(units, _io(units), "", "aph", neck_target=True, heads=HeadPlan(7, [11, 13]))
+    tail = ops[[(op, e) for op, e, _ in ops].index(("drop", "fp/1")) + 1:]  # after the neck's float input goes
+    sizes = {e: s for op, e, s in ops if op == "fill"}
+    assert sizes["q/heads"] == sizes["y/1"] and sizes["rec"] == 7 and sizes["y/2"] == 11 and sizes["y/3"] == 13
+    assert [(op, e) for op, e, _ in tail] == [
+        ("fill", "q/heads"), ("fill", "rec"), ("drop", "q/1"),
+        ("fill", "y/2"), ("peak", ""), ("drop", "y/2"), ("fill", "y/3"), ("peak", ""), ("drop", "y/3")]
+    # The most the heads hold: the FPN's float and quantized outputs, the neck's quantized input, the records.
+    heads_peak = sizes["y/1"] + sizes["q/heads"] + sizes["q/1"] + 7
+    assert peak_of(ops) == max(heads_peak, sizes["fp/1"] + sizes["q/1"] + sizes["y/1"])
+
+
+def test_labels_and_flags_are_sized_as_stored():
+    shapes = {"rois": (9, 5), "labels": (9,), "keep": (9,)}
+    dtypes = {"labels": torch.int64, "keep": torch.bool}
+    written = save({"rois": torch.zeros(9, 5), "labels": torch.zeros(9, dtype=torch.int64),
+                    "keep": torch.zeros(9, dtype=torch.bool)})
+    assert len(written) == safetensors_bytes(shapes, 4, dtypes)
 
 def test_fisher_weights_stay_to_the_end():
     units = ["a", "b", "neck"]

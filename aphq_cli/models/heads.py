@@ -20,6 +20,7 @@ labels, the RoIs it keeps) from the same per-image record.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Callable
 
@@ -182,3 +183,59 @@ def float_head_inputs(detector: nn.Module, feats, meta: dict) -> dict[str, dict[
     if getattr(roi, "with_mask", False):  # every mask head (three in the cascade) sees the final detections
         records["mask"] = {"rois": bbox2roi([boxes[:, :4]]), "labels": labels}
     return records
+
+
+def _most(cfg, *keys: str) -> int:
+    """The first of ``keys`` a test config sets (mmdetection renamed ``nms_post`` to ``max_per_img``)."""
+    for key in keys:
+        if cfg.get(key) is not None:
+            return int(cfg[key])
+    raise KeyError(f"the test config sets none of {', '.join(keys)}")
+
+
+def head_cache_shapes(detector: nn.Module, feats: list[tuple[int, ...]]
+                      ) -> tuple[dict[str, tuple[tuple[int, ...], torch.dtype]], dict[str, list[tuple[int, ...]]]]:
+    """The most one image's head cache entries can hold, for planning their disk before any is made.
+
+    How many RoIs an image has is data: at most the RPN test config's
+    ``max_per_img`` proposals per box stage and the RoI test config's
+    ``max_per_img`` detections for the masks, which these shapes assume. The
+    shapes of what a head computes come from a pass of its layers on the meta
+    device (no arithmetic).
+
+    Args:
+        feats: the shapes of the image's FPN outputs.
+
+    Returns:
+        ``(record, outputs)``: the float record (:func:`float_head_inputs`, flattened as
+        ``box0/rois``) as ``name -> (shape, dtype)``, and each head unit's outputs by its name.
+    """
+    roi = detector.roi_head
+    proposals = _most(detector.rpn_head.test_cfg, "max_per_img", "nms_post")
+    detections = _most(roi.test_cfg, "max_per_img")
+    record: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    outputs: dict[str, list[tuple[int, ...]]] = {}
+    with torch.no_grad():
+        for unit in head_units(detector):
+            module = unit.module
+            if unit.kind == "rpn":
+                meta = _on_meta(module.head)
+                outs = RpnUnit(meta)([torch.empty(s, device="meta") for s in feats])
+                outputs[unit.name] = [tuple(t.shape) for t in outs]
+                continue
+            count = proposals if unit.kind == "box" else detections
+            size = module.extractor.roi_layers[0].output_size
+            pooled = torch.empty(count, module.extractor.out_channels, *size, device="meta")
+            outs = _on_meta(module.head)(pooled)
+            if unit.kind == "box":
+                outputs[unit.name] = [tuple(t.shape) for t in outs]
+                record |= {f"{unit.key}/rois": ((count, 5), torch.float32),
+                           f"{unit.key}/labels": ((count,), torch.int64), f"{unit.key}/keep": ((count,), torch.bool)}
+            else:  # the logits of each detection's class
+                outputs[unit.name] = [(count, *outs.shape[2:])]
+                record |= {"mask/rois": ((count, 5), torch.float32), "mask/labels": ((count,), torch.int64)}
+    return record, outputs
+
+
+def _on_meta(module: nn.Module) -> nn.Module:
+    return copy.deepcopy(module).to("meta")
