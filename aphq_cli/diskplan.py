@@ -120,8 +120,7 @@ APH = "aph:"
 
 
 def unit_cache_entries(units: list[str], ios: list[dict[str, dict]], key: str,
-                       loss: str, itemsize: int = 4, neck_target: bool = False,
-                       aph: dict[str, int] | None = None, drop_aph: bool = False,
+                       loss: str, itemsize: int = 4, aph: dict[str, int] | None = None, drop_aph: bool = False,
                        heads: HeadPlan | None = None) -> list[tuple[str, str, int]]:
     """The fills and drops of reconstruct's unit cache, in order, as ``(op, entry, bytes)``.
 
@@ -130,14 +129,11 @@ def unit_cache_entries(units: list[str], ios: list[dict[str, dict]], key: str,
     for k = 0 is not cached), which makes ``q/(k-1)`` obsolete, then its
     float output ``y/k``; once k is done its float input ``y/(k-1)`` goes.
     The neck fills ``fp/k`` and ``q/k`` with the backbones' outputs after the
-    last backbone unit's entries go, and its float input goes once it is
-    done. Fisher weights ``fisher/k`` stay to the end. The neck's target
-    ``y/k`` is on disk only with head units (``neck_target``); without them
-    it is computed as it is read. The head units (``heads``) follow the neck:
-    the first fills the reconstructed neck's outputs ``q/heads`` (the size of
-    the neck's) and the float records ``rec``, after which the neck's
-    quantized input goes; each head then fills its float outputs and drops
-    them once done.
+    last backbone unit's entries go; its target is computed as it is read.
+    Fisher weights ``fisher/k`` stay to the end. The head units (``heads``)
+    follow the neck and make the FPN outputs from the neck's inputs as they
+    read them, so those stay; the first head fills the float records
+    ``rec``, and each head fills its float outputs and drops them once done.
 
     Args:
         ios: per image, per unit name, ``{"in": [shapes], "out": [shapes]}`` (:func:`per_image_shapes`).
@@ -154,25 +150,21 @@ def unit_cache_entries(units: list[str], ios: list[dict[str, dict]], key: str,
             if k > 0:
                 ops += [("drop", f"q/{k - 1}", 0), ("drop", f"y/{k - 1}", 0)]
             ops += [("fill", f"fp/{k}", size(name, "in")), ("fill", f"q/{k}", size(name, "in"))]
-        elif k > 0:
-            ops += [("fill", f"q/{k}", size(units[k - 1], "out")), ("drop", f"q/{k - 1}", 0)]
-        if name != "neck" or neck_target:
+        else:
+            if k > 0:
+                ops += [("fill", f"q/{k}", size(units[k - 1], "out")), ("drop", f"q/{k - 1}", 0)]
             ops.append(("fill", f"y/{k}", size(name, "out")))
-        if loss == "fisher" and name != "neck":
-            ops.append(("fill", f"fisher/{k}", size(name, "out")))
+            if loss == "fisher":
+                ops.append(("fill", f"fisher/{k}", size(name, "out")))
         if aph and name in aph:
             ops.append(("fill", APH + name, aph[name]))
         ops.append(("peak", "", 0))  # unit k trains here, with its inputs and target present
         if k > 0 and name != "neck":
             ops.append(("drop", f"y/{k - 1}", 0))
-        if name == "neck":
-            ops.append(("drop", f"fp/{k}", 0))
         if aph and name in aph and drop_aph:
             ops.append(("drop", APH + name, 0))
     if heads and heads.targets:
-        neck = units.index("neck")
-        ops += [("fill", "q/heads", size("neck", "out")), ("fill", "rec", heads.records),
-                ("drop", f"q/{neck}", 0)]
+        ops.append(("fill", "rec", heads.records))
         for k, target in enumerate(heads.targets, start=len(units)):
             ops += [("fill", f"y/{k}", target), ("peak", "", 0), ("drop", f"y/{k}", 0)]
     return ops
@@ -193,25 +185,24 @@ def peak_of(ops: list[tuple[str, str, int]], present: dict[str, int] | None = No
 
 def reconstruct_plan(folder: Path, units: list[str], ios: list[dict[str, dict]], key: str, loss: str,
                      complete: dict[str, int] | None = None, itemsize: int = 4,
-                     neck_target: bool = False, heads: HeadPlan | None = None) -> CachePlan:
+                     heads: HeadPlan | None = None) -> CachePlan:
     """The unit cache of reconstruct (``RUN/reconstruct/cache``; float32, or float16 with ``cache_dtype``).
 
     Args:
         complete: bytes of the entries already complete on disk (name -> bytes).
         itemsize: bytes per stored value (4, or 2 for a float16 cache).
-        neck_target: the neck's float outputs are cached (with head units, which read them).
         heads: the head units' entries (:class:`HeadPlan`), with ``--heads``.
     """
     if loss == "none" or not units:
         return CachePlan(str(folder), 0)
-    ops = unit_cache_entries(units, ios, key, loss, itemsize, neck_target, heads=heads)
+    ops = unit_cache_entries(units, ios, key, loss, itemsize, heads=heads)
     entries = {entry: size for op, entry, size in ops if op == "fill"}
     present = {k: v for k, v in (complete or {}).items() if k in entries}
     return CachePlan(str(folder), peak_of(ops, present), entries, sum(present.values()))
 
 
 def joint_plan(unit: CachePlan, aph: CachePlan, units: list[str], ios: list[dict[str, dict]], key: str,
-               loss: str, itemsize: int = 4, neck_target: bool = False, drop_aph: bool = False,
+               loss: str, itemsize: int = 4, drop_aph: bool = False,
                complete: dict[str, int] | None = None, aph_complete: dict[str, int] | None = None,
                heads: HeadPlan | None = None) -> CachePlan:
     """reconstruct's unit cache and APH cache together, for when they share a filesystem.
@@ -227,7 +218,7 @@ def joint_plan(unit: CachePlan, aph: CachePlan, units: list[str], ios: list[dict
     """
     if loss == "none" or not units:
         return CachePlan(unit.folder, 0)
-    ops = unit_cache_entries(units, ios, key, loss, itemsize, neck_target, aph.entries, drop_aph, heads)
+    ops = unit_cache_entries(units, ios, key, loss, itemsize, aph.entries, drop_aph, heads)
     present = {k: v for k, v in (complete or {}).items() if k in unit.entries}
     present |= {APH + k: v for k, v in (aph_complete or {}).items() if k in aph.entries}
     return CachePlan(unit.folder, peak_of(ops, present), unit.entries | {APH + k: v for k, v in aph.entries.items()},

@@ -305,9 +305,9 @@ def published_disk(model: str, images: int = PUBLISHED["images"], size: tuple[in
     for itemsize, dtype in ((4, "float32"), (2, "float16")):
         unit = reconstruct_plan(Path("unit"), names, ios, key, "aph", itemsize=itemsize)
         found[f"unit cache {dtype}"] = unit.peak
-        # With --heads (beyond the paper): the FPN's outputs stay for the heads, which add their own entries.
+        # With --heads (beyond the paper): the neck's inputs stay for the heads, which add their own entries.
         found[f"unit cache {dtype} heads"] = reconstruct_plan(
-            Path("unit"), names, ios, key, "aph", itemsize=itemsize, neck_target=True,
+            Path("unit"), names, ios, key, "aph", itemsize=itemsize,
             heads=head_plan_of(fp, ios, heads, key, itemsize)).peak
         for drop, how in ((False, "kept"), (True, "dropped")):
             # Both caches on one disk, APH maps already made (by mlp-recon): what reconstruct needs free.
@@ -327,9 +327,9 @@ def disk_table() -> list[str]:
              "is still on disk; with `--drop-aph-cache` each unit's maps go once it is done, and the two together "
              "peak at the first Swin block, below the sum of their peaks. mlp-recon holds "
              "the APH cache and its MLP cache (float32), which it removes when it ends. With `--heads` (beyond "
-             "the paper) the FPN's float and quantized outputs stay on disk for the head units, so the unit cache "
-             "peaks as the heads start; the heads' own entries are planned at the most RoIs the test configs "
-             "allow (1000 proposals, 100 detections per image).",
+             "the paper) the head units make the FPN's outputs from the neck's inputs, which stay on disk until the "
+             "end; their own entries (the float model's RoIs, each head's outputs) are planned at the most RoIs "
+             "the test configs allow (1000 proposals, 100 detections per image).",
              "", "| model | units | APH (float16) | unit cache peak, float32 / float16 | reconstruct, both caches, "
              "float32 / float16 | the same with `--drop-aph-cache` | unit cache peak with `--heads`, "
              "float32 / float16 | mlp-recon MLP cache |",

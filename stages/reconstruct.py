@@ -371,39 +371,46 @@ class UnitCaches:
     reconstructed, applied to ``q/<k-1>``. The neck's inputs are the two
     backbones' outputs; its target, the float FPN's output, is computed from
     its float input as it is read (at COCO size it would be the largest
-    entry on disk), except with head units, which read it from
-    ``y/<neck>``. An entry is dropped once nothing reads it, so a backbone
+    entry on disk). An entry is dropped once nothing reads it, so a backbone
     unit trains with three on disk: ``q/<k>``, ``y/<k-1>`` and ``y/<k>``.
 
     Head units (``heads``: unit index -> the key of its record in
     :func:`~aphq_cli.models.heads.float_head_inputs`, "" for the RPN) all read
-    the FPN outputs: the float ones ``y/<neck>`` and the reconstructed neck's
-    ``q/heads``, which stay until the last head is done; ``rec`` holds what
-    the float model decided for each image (its RoIs, classes, kept RoIs).
+    the FPN outputs, which are not cached either: the float FPN applied to
+    the neck's float input ``fp/<neck>`` and the reconstructed neck to its
+    quantized input ``q/<neck>`` as they are read (two FPN passes per head
+    iteration instead of two FPN-sized entries per image on disk, which are
+    twice the neck's inputs). ``rec`` holds what the float model decided for
+    each image (its RoIs, classes, kept RoIs).
     """
 
     def __init__(self, cache, imgs, device, heads: dict[int, str] | None = None) -> None:
         self.cache, self.imgs, self.device, self.count = cache, imgs, device, len(imgs)
         self.heads = heads or {}
         self.neck = min(self.heads) - 1 if self.heads else None
-        self.float_neck: tuple[int, nn.Module] | None = None  # (k, the float FPN) when its target is not cached
+        self.fpns: tuple[nn.Module, nn.Module] | None = None  # the float and the quantized FPN, once prepared
 
     def fp_in(self, k: int, i: int):
         if k in self.heads:
-            return _get(self.cache, f"y/{self.neck}", i, self.device)
+            return self._fpn(0, "fp", i)
         return self.imgs[i] if k == 0 else _get(self.cache, f"fp/{k}" if self.cache.complete(f"fp/{k}", self.count)
                                                 else f"y/{k - 1}", i, self.device)
 
     def q_in(self, k: int, i: int):
         if k in self.heads:
-            return _get(self.cache, "q/heads", i, self.device)
+            return self._fpn(1, "q", i)
         return self.imgs[i] if k == 0 else _get(self.cache, f"q/{k}", i, self.device)
 
     def target(self, k: int, i: int):
-        if self.float_neck is not None and k == self.float_neck[0]:
-            with torch.no_grad():  # the same computation as a fill: the same numbers
-                return self.float_neck[1](tuple(_as_list(self.fp_in(k, i))))
+        if k == self.neck:
+            return self._fpn(0, "fp", i)
         return _get(self.cache, f"y/{k}", i, self.device)
+
+    def _fpn(self, which: int, entry: str, i: int) -> list[torch.Tensor]:
+        """The float (0) or quantized (1) FPN's outputs of image i, from the neck's input ``entry``."""
+        with torch.no_grad():  # the same computation as a fill would make: the same numbers
+            return _as_list(self.fpns[which](tuple(_as_list(_get(self.cache, f"{entry}/{self.neck}", i,
+                                                                  self.device)))))
 
     def extra(self, k: int, i: int) -> dict[str, torch.Tensor]:
         """Head unit k's record of image i (its RoIs, the float classes, the kept RoIs); {} for the RPN."""
@@ -423,28 +430,19 @@ class UnitCaches:
         """
         main = distributed.is_main()
         if k in self.heads:
-            if k == self.neck + 1:  # the first head: the FPN outputs every head reads, and the float RoIs
-                _fill(self.cache, "q/heads", self.count, lambda i: prev_unit(tuple(_as_list(self.q_in(k - 1, i)))),
-                      lambda d, t: report("head inputs (quantized)", d, t))
+            if k == self.neck + 1:  # the first head: the float RoIs every RoI head reads
                 _fill(self.cache, "rec", self.count, lambda i: _records(fp, self.fp_in(k, i), self.imgs.meta(i)),
                       lambda d, t: report("float RoIs", d, t))
-                if main:  # the neck's inputs: the heads read the FPN outputs only
-                    self._drop(f"q/{self.neck}", f"fp/{self.neck}")
             _fill(self.cache, f"y/{k}", self.count, lambda i: unit_fp(tuple(self.fp_in(k, i)), **self.extra(k, i)))
             return
         if name == "neck":
-            self.neck = k
+            self.neck, self.fpns = k, (unit_fp, unit_q)
             if main and k > 0:  # the neck's inputs come from the images: the last backbone unit's entries go
                 self._drop(f"q/{k - 1}", f"y/{k - 1}")
             _fill(self.cache, f"fp/{k}", self.count, lambda i: fp.backbone(self.imgs[i]),
                   lambda d, t: report("neck inputs (float)", d, t))
             _fill(self.cache, f"q/{k}", self.count, lambda i: detector.backbone(self.imgs[i]),
                   lambda d, t: report("neck inputs (quantized)", d, t))
-            if self.heads:  # the heads read the float FPN outputs: on disk until the last head is done
-                _fill(self.cache, f"y/{k}", self.count,
-                      lambda i: unit_fp(tuple(_as_list(self.fp_in(k, i)))))
-            else:  # the largest entry of all (five 256-channel maps): made from the float input when read
-                self.float_neck = (k, unit_fp)
             return
         if k > 0:
             _fill(self.cache, f"q/{k}", self.count, lambda i: prev_unit(self.q_in(k - 1, i)))
@@ -456,15 +454,13 @@ class UnitCaches:
         """Unit k is done (rank 0, after a barrier): the inputs only it read go.
 
         A backbone unit's float input ``y/<k-1>`` (its own output stays: the
-        next unit's float input); the neck's float input ``fp/<k>``; a head's
-        float outputs. The FPN outputs and the float records the heads read
-        stay to the end.
+        next unit's float input); a head's float outputs. The neck's inputs
+        (the heads make the FPN outputs from them) and the float records stay
+        to the end.
         """
         if k in self.heads:
             self._drop(f"y/{k}")
-        elif k == self.neck:  # its float input (its target stays: the heads' float input)
-            self._drop(f"fp/{k}")
-        elif k > 0:
+        elif k != self.neck and k > 0:
             self._drop(f"y/{k - 1}")
 
     def _drop(self, *entries: str) -> None:
@@ -641,12 +637,11 @@ def disk_plans(fp: nn.Module, names: list[str], images, loss: str, cache: Tensor
     backbone = [n for n in names if n != "neck"] if loss == "aph" else []
     head_plan = head_plan_of(fp, ios, heads, key, itemsize) if heads else None
     unit_names = [f"{p}/{k}" for k in range(len(names) + len(heads or [])) for p in ("q", "y", "fp", "fisher")]
-    complete = complete_entries(cache, unit_names + ["q/heads", "rec"], count)
+    complete = complete_entries(cache, unit_names + ["rec"], count)
     aph_complete = complete_entries(aph, backbone, count)
-    unit = reconstruct_plan(cache.root, names, ios, key, loss, complete, itemsize, bool(heads), head_plan)
+    unit = reconstruct_plan(cache.root, names, ios, key, loss, complete, itemsize, head_plan)
     maps = aph_plan(aph.root, backbone, ios, aph_complete)
-    both = joint_plan(unit, maps, names, ios, key, loss, itemsize, bool(heads), drop_aph, complete, aph_complete,
-                      head_plan)
+    both = joint_plan(unit, maps, names, ios, key, loss, itemsize, drop_aph, complete, aph_complete, head_plan)
     return {"unit_cache": unit, "aph_cache": maps, "both": both}
 
 

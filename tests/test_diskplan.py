@@ -36,22 +36,21 @@ def _io(units):
     return [io]
 
 
-def test_the_necks_target_is_cached_only_for_head_units():
+def test_the_necks_target_is_never_cached():
     units = ["a", "neck"]
     assert "y/1" not in [e for op, e, _ in unit_cache_entries(units, _io(units), "", "aph") if op == "fill"]
-    assert "y/1" in [e for op, e, _ in unit_cache_entries(units, _io(units), "", "aph", neck_target=True)
-                     if op == "fill"]
+    assert "y/1" not in [e for op, e, _ in unit_cache_entries(units, _io(units), "", "aph", heads=HeadPlan(7, [11]))
+                         if op == "fill"]
 
 
 def test_unit_cache_drops_each_entry_once_nothing_reads_it():
     units = ["a", "b", "c", "neck"]
-    ops = unit_cache_entries(units, _io(units), "", "aph", neck_target=True)
+    ops = unit_cache_entries(units, _io(units), "", "aph")
     fills = [e for op, e, _ in ops if op == "fill"]
-    assert fills == ["y/0", "q/1", "y/1", "q/2", "y/2", "fp/3", "q/3", "y/3"]
+    assert fills == ["y/0", "q/1", "y/1", "q/2", "y/2", "fp/3", "q/3"]
     drops = [e for op, e, _ in ops if op == "drop"]
-    # q/0 never exists (unit 0 reads the image): dropping it is a no-op. The neck's float input goes
-    # once it is done (its target stays for the heads).
-    assert drops == ["q/0", "y/0", "q/1", "y/1", "q/2", "y/2", "fp/3"]
+    # q/0 never exists (unit 0 reads the image): dropping it is a no-op.
+    assert drops == ["q/0", "y/0", "q/1", "y/1", "q/2", "y/2"]
     sizes = {e: s for op, e, s in ops if op == "fill"}
     held, peaks = {}, []
     for op, entry, size in ops:
@@ -61,27 +60,25 @@ def test_unit_cache_drops_each_entry_once_nothing_reads_it():
             held.pop(entry, None)
         else:
             peaks.append(sorted(held))
-    # Each backbone unit trains with its quantized input, float input and target; the neck with its own three.
-    assert peaks == [["y/0"], ["q/1", "y/0", "y/1"], ["q/2", "y/1", "y/2"], ["fp/3", "q/3", "y/3"]]
+    # Each backbone unit trains with its quantized input, float input and target; the neck with its two
+    # inputs (its target is computed from the float one).
+    assert peaks == [["y/0"], ["q/1", "y/0", "y/1"], ["q/2", "y/1", "y/2"], ["fp/3", "q/3"]]
     # Between the peaks, c's quantized input is written while b's still is on disk: also three entries.
-    moments = [["q/1", "y/0", "y/1"], ["q/1", "q/2", "y/1"], ["q/2", "y/1", "y/2"], ["fp/3", "q/3", "y/3"]]
+    moments = [["q/1", "y/0", "y/1"], ["q/1", "q/2", "y/1"], ["q/2", "y/1", "y/2"], ["fp/3", "q/3"]]
     assert peak_of(ops) == max(sum(sizes[e] for e in moment) for moment in moments)
 
 
-def test_head_units_follow_the_neck_with_the_fpn_outputs_and_records():
-    """The first head makes the reconstructed FPN's outputs (the neck target's size) and the float records,
-    after which the neck's quantized input goes; each head trains with its own target, then drops it."""
+def test_head_units_follow_the_neck_with_its_inputs_and_the_records():
+    """The heads make the FPN outputs from the neck's inputs, which stay; the first head makes the float
+    records; each head trains with its own target, then drops it."""
     units = ["a", "neck"]
-    ops = unit_cache_entries(units, _io(units), "", "aph", neck_target=True, heads=HeadPlan(7, [11, 13]))
-    tail = ops[[(op, e) for op, e, _ in ops].index(("drop", "fp/1")) + 1:]  # after the neck's float input goes
+    ops = unit_cache_entries(units, _io(units), "", "aph", heads=HeadPlan(7, [11, 13]))
+    tail = ops[[op for op, _, _ in ops].index("peak", 2) + 1:]  # after the neck trains
+    assert [(op, e, size) for op, e, size in tail] == [
+        ("fill", "rec", 7), ("fill", "y/2", 11), ("peak", "", 0), ("drop", "y/2", 0),
+        ("fill", "y/3", 13), ("peak", "", 0), ("drop", "y/3", 0)]
     sizes = {e: s for op, e, s in ops if op == "fill"}
-    assert sizes["q/heads"] == sizes["y/1"] and sizes["rec"] == 7 and sizes["y/2"] == 11 and sizes["y/3"] == 13
-    assert [(op, e) for op, e, _ in tail] == [
-        ("fill", "q/heads"), ("fill", "rec"), ("drop", "q/1"),
-        ("fill", "y/2"), ("peak", ""), ("drop", "y/2"), ("fill", "y/3"), ("peak", ""), ("drop", "y/3")]
-    # The most the heads hold: the FPN's float and quantized outputs, the neck's quantized input, the records.
-    heads_peak = sizes["y/1"] + sizes["q/heads"] + sizes["q/1"] + 7
-    assert peak_of(ops) == max(heads_peak, sizes["fp/1"] + sizes["q/1"] + sizes["y/1"])
+    assert peak_of(ops) == sizes["fp/1"] + sizes["q/1"] + 7 + 13
 
 
 def test_labels_and_flags_are_sized_as_stored():
