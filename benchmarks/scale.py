@@ -354,6 +354,21 @@ def with_disk_section(text: str, section: str, reading: str) -> str:
     return text[:start] + section + (text[end + 1:] if end >= 0 else reading)
 
 
+def earlier_run(out: Path, models) -> tuple[list[Step], list[str]]:
+    """The steps (from ``out``'s .json) and commands (from its Commands block) of an earlier run that are
+    about none of ``models``: what ``--merge`` keeps."""
+    data = out.with_suffix(".json")
+    if not data.exists():
+        return [], []
+    steps = [Step(**s) for s in json.loads(data.read_text()) if s["model"] not in models]
+    text = out.read_text() if out.exists() else ""
+    block = text.split("## Commands", 1)[1].split("```")[1] if "## Commands" in text else ""
+    named = re.compile(r"(?<![\w-])(" + "|".join(map(re.escape, models)) + r")(?![\w-])")  # not a longer name
+    commands = [line for line in block.splitlines()
+                if line.startswith("$ ") and "--disk-only" not in line and not named.search(line)]
+    return steps, commands
+
+
 def hours(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
 
@@ -364,7 +379,9 @@ def write_markdown(args, steps: list[Step], commands: list[str]) -> str:
              f"Measured by `benchmarks/scale.py` on {platform.node()} ({os.cpu_count()} CPUs, {args.device}), "
              f"{time.strftime('%Y-%m-%d')}: seeded random weights, synthetic images of exactly {w}x{h}, "
              f"{args.iters} iterations per unit. Every stage is its own process; RSS is its peak resident "
-             "memory, disk the most the run folder / `$APHQ_CACHE` held while it ran (and at its end).", "",
+             "memory, disk the most the run folder / `$APHQ_CACHE` held while it ran (and at its end)."
+             + (" Rows of other models than " + ", ".join(args.models) + " come from an earlier run (`--merge`; "
+                "its commands are below)." if args.merge else ""), "",
              "| model | images | stage | wall s | peak RSS MiB | run peak / end MiB | cache peak / end MiB |",
              "|---|---:|---|---:|---:|---:|---:|"]
     for s in steps:
@@ -391,8 +408,9 @@ def write_markdown(args, steps: list[Step], commands: list[str]) -> str:
               "iterations, APH = s/image x images, the rest of the stage's wall time scaled by images (an upper "
               "bound); caches = the stage's predicted peak (`RUN/<stage>/disk_plan.json`, exact per image) x images.",
               "", "| model | stage | training | APH | rest | total | cache peaks |", "|---|---|---:|---:|---:|---:|---|"]
-    for model in args.models:
-        mine = [s for s in steps if s.model == model and s.images == max(args.images)]
+    for model in dict.fromkeys(s.model for s in steps):
+        most = max(s.images for s in steps if s.model == model)
+        mine = [s for s in steps if s.model == model and s.images == most]
         for stage, c in cost_model(mine, PUBLISHED["images"], PUBLISHED["iters"]).items():
             caches = ", ".join(f"{k} {v / 2**30:.1f} GiB" for k, v in c["cache_bytes"].items())
             lines.append(f"| {model} | {stage} | {hours(c['train_s'])} | {hours(c['aph_s'])} | "
@@ -415,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "scale", help="runs, caches, data, checkpoints")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "scale.md")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the other models' rows and commands of an earlier run in --out (its .json)")
     ap.add_argument("--disk-only", action="store_true",
                     help="only plan the published schedule's disk for the four models (seconds; no stage runs)")
     args = ap.parse_args(argv)
@@ -434,6 +454,9 @@ def main(argv: list[str] | None = None) -> int:
             steps += chain(args, model, images, args.work)
     commands = [command]
     commands += ["$ aphq " + " ".join(s.argv) for s in steps]
+    if args.merge:
+        kept_steps, kept_commands = earlier_run(args.out, args.models)
+        steps, commands = kept_steps + steps, kept_commands + commands
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(write_markdown(args, steps, commands) + reading)
     args.out.with_suffix(".json").write_text(json.dumps([asdict(s) for s in steps], indent=1))
