@@ -87,6 +87,8 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import aphq_cli  # noqa: E402,F401  before mmdet is imported: it serves mmcv's ops (mmcv has no compiled ones)
+
 # The block of issue #23: Swin-T's first stage.
 DIM, HEADS, WINDOW, MLP_RATIO, SIDE = 96, 3, 7, 4.0, 56
 BITS = 4

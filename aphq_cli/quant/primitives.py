@@ -105,7 +105,9 @@ class _FakeQuantize(torch.autograd.Function):
         grad_s = None
         if ctx.needs_input_grad[1]:
             v, a = ctx.saved_tensors[2:]
-            grad_s = (grad * a).sum_to_size(scale.shape) + (grad_t.neg_() * (v / scale)).sum_to_size(scale.shape)
+            # The graph negates grad_t before its product and sum; subtracting the small sum instead is the
+            # same number (IEEE products and sums are symmetric in sign), without a pass over grad_t.
+            grad_s = (grad * a).sum_to_size(scale.shape) - (grad_t * (v / scale)).sum_to_size(scale.shape)
         return grad_x, grad_s, None, None
 
 
