@@ -253,15 +253,12 @@ def test_images_are_taken_in_order():
     assert asked[::2] == [0, 1, 2, 0, 1, 2, 0, 1]
 
 
-def test_a_step_of_two_images_averages_their_losses():
-    """images_per_iter=2 on the images a, a, b, b learns what one image per step learns on a, b: each
-    step's gradient is the mean of its images' (QDrop and the regularizer off, so no draw differs)."""
-    import copy
-
+def _small_block():
+    """A shifted-window Swin block (dim 16, 2 heads, window 4, shift 2) quantized W4/A4 and min/max-calibrated,
+    with two inputs, the float block's outputs for them and an APH map for each."""
     from aphq_cli.models.plan import quantize_model
     from aphq_cli.models.swin import SwinBlock
     from aphq_cli.quant.calib import minmax_calibrate
-    from stages.reconstruct import reconstruct_unit
 
     torch.manual_seed(0)
     block = SwinBlock(16, 2, 4, 2, 4.0, True, None, 0.0, 0.0, 0.0).eval()
@@ -271,6 +268,17 @@ def test_a_step_of_two_images_averages_their_losses():
     unit = quantize_model(torch.nn.Sequential(block), 4, 4)[0]
     minmax_calibrate(unit, xs[0])
     aph = [torch.rand(1, 10, 10, 16) + 0.5 for _ in xs]
+    return unit, xs, targets, aph
+
+
+def test_a_step_of_two_images_averages_their_losses():
+    """images_per_iter=2 on the images a, a, b, b learns what one image per step learns on a, b: each
+    step's gradient is the mean of its images' (QDrop and the regularizer off, so no draw differs)."""
+    import copy
+
+    from stages.reconstruct import reconstruct_unit
+
+    unit, xs, targets, aph = _small_block()
 
     class Caches:
         def __init__(self, order):
@@ -405,19 +413,9 @@ def test_the_fast_loop_reconstructs_the_same_tensors_as_the_plain_graph(monkeypa
     warm-up), APH-weighted: every learned tensor equal to the bit after 20 iterations."""
     import copy
 
-    from aphq_cli.models.plan import quantize_model
-    from aphq_cli.models.swin import SwinBlock
-    from aphq_cli.quant.calib import minmax_calibrate
     from stages.reconstruct import reconstruct_unit
 
-    torch.manual_seed(0)
-    block = SwinBlock(16, 2, 4, 2, 4.0, True, None, 0.0, 0.0, 0.0).eval()
-    xs = [torch.randn(1, 10, 10, 16) for _ in range(2)]
-    with torch.no_grad():
-        targets = [block(x) for x in xs]
-    unit = quantize_model(torch.nn.Sequential(block), 4, 4)[0]
-    minmax_calibrate(unit, xs[0])
-    aph = [torch.rand(1, 10, 10, 16) + 0.5 for _ in xs]
+    unit, xs, targets, aph = _small_block()
 
     class Caches:
         count = 2
