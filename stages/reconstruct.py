@@ -388,29 +388,29 @@ class UnitCaches:
         self.cache, self.imgs, self.device, self.count = cache, imgs, device, len(imgs)
         self.heads = heads or {}
         self.neck = min(self.heads) - 1 if self.heads else None
-        self.fpns: tuple[nn.Module, nn.Module] | None = None  # the float and the quantized FPN, once prepared
+        self.fpns: dict[str, nn.Module] = {}  # the neck's input entry -> the FPN it feeds ("fp" float, "q" quantized)
 
     def fp_in(self, k: int, i: int):
         if k in self.heads:
-            return self._fpn(0, "fp", i)
+            return self._fpn("fp", i)
         return self.imgs[i] if k == 0 else _get(self.cache, f"fp/{k}" if self.cache.complete(f"fp/{k}", self.count)
                                                 else f"y/{k - 1}", i, self.device)
 
     def q_in(self, k: int, i: int):
         if k in self.heads:
-            return self._fpn(1, "q", i)
+            return self._fpn("q", i)
         return self.imgs[i] if k == 0 else _get(self.cache, f"q/{k}", i, self.device)
 
     def target(self, k: int, i: int):
         if k == self.neck:
-            return self._fpn(0, "fp", i)
+            return self._fpn("fp", i)
         return _get(self.cache, f"y/{k}", i, self.device)
 
-    def _fpn(self, which: int, entry: str, i: int) -> list[torch.Tensor]:
-        """The float (0) or quantized (1) FPN's outputs of image i, from the neck's input ``entry``."""
+    def _fpn(self, entry: str, i: int) -> list[torch.Tensor]:
+        """Image i's FPN outputs made from the neck's input ``entry``: "fp" by the float FPN, "q" by the quantized."""
+        x = tuple(_as_list(_get(self.cache, f"{entry}/{self.neck}", i, self.device)))
         with torch.no_grad():  # the same computation as a fill would make: the same numbers
-            return _as_list(self.fpns[which](tuple(_as_list(_get(self.cache, f"{entry}/{self.neck}", i,
-                                                                  self.device)))))
+            return _as_list(self.fpns[entry](x))
 
     def extra(self, k: int, i: int) -> dict[str, torch.Tensor]:
         """Head unit k's record of image i (its RoIs, the float classes, the kept RoIs); {} for the RPN."""
@@ -436,7 +436,7 @@ class UnitCaches:
             _fill(self.cache, f"y/{k}", self.count, lambda i: unit_fp(tuple(self.fp_in(k, i)), **self.extra(k, i)))
             return
         if name == "neck":
-            self.neck, self.fpns = k, (unit_fp, unit_q)
+            self.neck, self.fpns = k, {"fp": unit_fp, "q": unit_q}
             if main and k > 0:  # the neck's inputs come from the images: the last backbone unit's entries go
                 self._drop(f"q/{k - 1}", f"y/{k - 1}")
             _fill(self.cache, f"fp/{k}", self.count, lambda i: fp.backbone(self.imgs[i]),
