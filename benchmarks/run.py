@@ -213,7 +213,7 @@ def bench_model(b: Bench, model: str) -> None:
         b.aphq(model, f"W{bits}A{bits} export reloaded", "eval", "--artifact", str(out), *dev, *lim,
                json_out=base / "export.json")
     if args.breakdown:
-        breakdown(b, model, base, grid[0], args.seeds[0], [*dev, *lim])
+        breakdown(b, model, base, grid[0], args.seeds, [*dev, *lim])
     if args.scaling:
         bits = grid[0][0]
         calib_run = base / f"w{bits}a{bits}"
@@ -231,11 +231,14 @@ PARTS = {"heads": ["rpn_head", "roi_head"], "backbone+neck": ["backbone", "neck"
          "activations": ["backbone:a", "neck:a", "rpn_head:a", "roi_head:a"]}
 
 
-def breakdown(b: Bench, model: str, base: Path, first: tuple[int, list[str]], seed: int, opts: list[str]) -> None:
+def breakdown(b: Bench, model: str, base: Path, first: tuple[int, list[str]], seeds: list[int],
+              opts: list[str]) -> None:
     """Where quantization costs accuracy: the calibrated model with each part in float (``--keep-float``).
 
-    With float heads, calibration and each reconstruction are compared on the
-    part reconstruction changes (backbone and neck) alone.
+    With float heads, calibration and each reconstruction (every seed, so the
+    row has a spread) are compared on the part reconstruction changes
+    (backbone and neck) alone: the most that reconstructing the heads could
+    add on top.
     """
     bits, methods = first
     tag = f"W{bits}A{bits}"
@@ -247,9 +250,10 @@ def breakdown(b: Bench, model: str, base: Path, first: tuple[int, list[str]], se
         b.aphq(model, f"{tag} calib, float {what}", "eval", "--run", str(base / f"w{bits}a{bits}"), "--stage",
                "calibrate", *flags(what), *opts, json_out=base / f"breakdown-calib-{what}.json")
     for method in [m for m in methods if m != "calib"]:
-        run = base / f"w{bits}a{bits}-{method.replace('+', '-')}-s{seed}"
-        b.aphq(model, f"{tag} {method}, float heads", "eval", "--run", str(run), *flags("heads"), *opts,
-               json_out=base / f"breakdown-{method.replace('+', '-')}-heads.json")
+        for seed in seeds:
+            name = f"{method.replace('+', '-')}-s{seed}"
+            b.aphq(model, f"{tag} {method}, float heads", "eval", "--run", str(base / f"w{bits}a{bits}-{name}"),
+                   *flags("heads"), *opts, json_out=base / f"breakdown-{name}-heads.json")
 
 
 def summarize(steps: list[Step]) -> dict:
