@@ -200,7 +200,8 @@ def mlp_recon_cmd(
     force: bool = typer.Option(False, "--force", help="Recompute every block even if finished."),
     keep_cache: bool = typer.Option(
         False, "--keep-cache",
-        help="Keep RUN/mlp_recon/cache (each block's float MLP inputs and outputs) after the stage ends."),
+        help="Keep RUN/mlp_recon/cache (each block's float MLP inputs and outputs; by default each "
+             "block's go once it is trained) after the stage ends."),
     quant_config: Optional[str] = QuantConfigOpt,
     trust_checkpoint: bool = TrustOpt,
 ) -> None:

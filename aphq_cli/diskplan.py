@@ -234,16 +234,22 @@ def aph_plan(folder: Path, names: list[str], ios: list[dict[str, dict]],
 
 
 def mlp_plan(folder: Path, blocks: list[str], ios: list[dict[str, dict]], key: str,
-             complete: dict[str, int] | None = None) -> CachePlan:
+             complete: dict[str, int] | None = None, keep: bool = False) -> CachePlan:
     """mlp-recon's MLP cache: each block's float MLP input ``x`` and output ``y`` per image (float32).
+
+    Each block's entry is made just before the block trains and removed after
+    it (unless ``keep``), so the peak is the largest entry plus whatever an
+    earlier run left complete.
 
     Args:
         ios: per image, ``{"<block>.mlp": {"in": [shape], "out": [shape]}}``.
+        keep: every entry stays (``--keep-cache``).
     """
     entries = {name: entry_bytes([{"x": io[f"{name}.mlp"]["in"][0], "y": io[f"{name}.mlp"]["out"][0]} for io in ios],
                                  4, key) for name in blocks}
+    ops = [op for name in blocks for op in [("fill", name, entries[name])] + ([] if keep else [("drop", name, 0)])]
     present = {k: v for k, v in (complete or {}).items() if k in entries}
-    return CachePlan(str(folder), sum(entries.values()), entries, sum(present.values()))
+    return CachePlan(str(folder), peak_of(ops, present), entries, sum(present.values()))
 
 
 def complete_entries(cache, names, count: int) -> dict[str, int]:

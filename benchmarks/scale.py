@@ -301,7 +301,8 @@ def published_disk(model: str, images: int = PUBLISHED["images"], size: tuple[in
     key = "0" * 16
     backbone = [n for n in names if n != "neck"]
     aph = aph_plan(Path("aph"), backbone, ios)
-    found = {"units": len(names), "aph": aph.peak, "mlp cache": mlp_plan(Path("mlp"), blocks, ios, key).peak}
+    found = {"units": len(names), "aph": aph.peak, "mlp cache": mlp_plan(Path("mlp"), blocks, ios, key).peak,
+             "mlp cache kept": mlp_plan(Path("mlp"), blocks, ios, key, keep=True).peak}
     heads = [h.name for h in head_units(fp)]
     for itemsize, dtype in ((4, "float32"), (2, "float16")):
         unit = reconstruct_plan(Path("unit"), names, ios, key, "aph", itemsize=itemsize)
@@ -327,13 +328,14 @@ def disk_table() -> list[str]:
              "mlp-recon): the unit cache peaks at the FPN (its inputs are the largest entries) while every APH map "
              "is still on disk; with `--drop-aph-cache` each unit's maps go once it is done, and the two together "
              "peak at the first Swin block, below the sum of their peaks. mlp-recon holds "
-             "the APH cache and its MLP cache (float32), which it removes when it ends. With `--heads` (beyond "
+             "the APH cache and its MLP cache (float32), one block's entry at a time: made just before the block "
+             "trains, removed after it (every block's with `--keep-cache`, in brackets). With `--heads` (beyond "
              "the paper) the head units make the FPN's outputs from the neck's inputs, which stay on disk until the "
              "end; their own entries (the float model's RoIs, each head's outputs) are planned at the most RoIs "
              "the test configs allow (1000 proposals, 100 detections per image).",
              "", "| model | units | APH (float16) | unit cache peak, float32 / float16 | reconstruct, both caches, "
              "float32 / float16 | the same with `--drop-aph-cache` | unit cache peak with `--heads`, "
-             "float32 / float16 | mlp-recon MLP cache |",
+             "float32 / float16 | mlp-recon MLP cache (kept) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for model in PAPER_MODELS:
         d = published_disk(model)
@@ -342,7 +344,8 @@ def disk_table() -> list[str]:
                      f"{gb['unit cache float16']:.1f} GB | {gb['both float32 aph kept']:.1f} / "
                      f"{gb['both float16 aph kept']:.1f} GB | {gb['both float32 aph dropped']:.1f} / "
                      f"{gb['both float16 aph dropped']:.1f} GB | {gb['unit cache float32 heads']:.1f} / "
-                     f"{gb['unit cache float16 heads']:.1f} GB | {gb['mlp cache']:.1f} GB |")
+                     f"{gb['unit cache float16 heads']:.1f} GB | {gb['mlp cache']:.1f} "
+                     f"({gb['mlp cache kept']:.1f}) GB |")
     return lines
 
 

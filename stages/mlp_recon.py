@@ -6,11 +6,14 @@ weighted by the block's APH estimate, plus the same error with the fc2 input
 clipped to [0, ub]. Each finished block is written atomically to
 ``RUN/mlp_recon/blocks/``, so a killed run restarted with the same command
 continues after the last finished block and ends with the same result.
+Each block's float MLP inputs and outputs are cached on disk just before it
+trains and removed once it is done, so the cache holds one block at a time.
 ``RUN/mlp_recon.safetensors`` holds every block's fc1/fc2 and clip bound.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -141,51 +144,62 @@ def train_block(mlp: nn.Module, cache, entry: str, aph, aph_entry: str, count: i
     return losses
 
 
-def collect_mlp_io(detector: nn.Module, blocks: list[tuple[str, nn.Module]], images,
-                   cache, pct: float, progress=None) -> dict[str, float]:
-    """Cache every block's float MLP input/output per image; return each block's ub.
+class _Collected(Exception):
+    """Raised by the collecting hook once the block's MLP has run: the rest of the forward is not needed."""
 
-    One float forward per image serves all blocks; tensors go to disk as they
-    come, so memory holds one image's activations at a time.
+
+def collect_block_io(detector: nn.Module, name: str, block: nn.Module, images, cache, pct: float,
+                     progress=None) -> float:
+    """Cache one block's float MLP input/output per image; return its ``ub``.
+
+    Each image's float forward stops at the block's MLP, so collecting block
+    by block costs less than one full forward per image and block, and the
+    cache never holds more than one block's tensors (the largest block's at
+    COCO size is a fifth of all blocks' together: docs/scale.md).
     """
-    positives: dict[str, list[torch.Tensor]] = {name: [] for name, _ in blocks}
+    positives: list[torch.Tensor] = []
     per_image = max(1, 2_000_000 // max(1, len(images)))
-    for i, img in enumerate(images):
-        seen: dict[str, dict[str, torch.Tensor]] = {}
-        handles = []
-        for name, block in blocks:
-            def io_hook(m, args, out, name=name):
-                seen.setdefault(name, {}).update(x=args[0].detach(), y=out.detach())
 
-            def fc2_hook(m, args, name=name):
-                pos = args[0].detach().flatten()
-                pos = pos[pos > 0]
-                positives[name].append(pos[:: max(1, math.ceil(pos.numel() / per_image))].cpu())
-            handles += [block.mlp.register_forward_hook(io_hook), block.mlp.fc2.register_forward_pre_hook(fc2_hook)]
+    def fc2_hook(m, args):
+        pos = args[0].detach().flatten()
+        pos = pos[pos > 0]
+        positives.append(pos[:: max(1, math.ceil(pos.numel() / per_image))].cpu())
+
+    for i, img in enumerate(images):
+        seen: dict[str, torch.Tensor] = {}
+
+        def io_hook(m, args, out):
+            seen.update(x=args[0].detach(), y=out.detach())
+            raise _Collected
+
+        handles = [block.mlp.register_forward_hook(io_hook), block.mlp.fc2.register_forward_pre_hook(fc2_hook)]
         try:
             with torch.no_grad():
-                detector.extract_feat(img)
+                detector.backbone(img)
+        except _Collected:
+            pass
         finally:
             for h in handles:
                 h.remove()
-        for name, tensors in seen.items():
-            cache.put(name, i, tensors)
+        if not seen:
+            raise AphqError(f"the float forward never reached {name}'s MLP")
+        cache.put(name, i, seen)
         if progress is not None:
             progress(i + 1, len(images))
-    ubs = {}
-    for name, _ in blocks:
-        cache.finish(name, len(images))
-        values = torch.cat(positives[name])
-        ubs[name] = float(row_quantile(values[None], pct)[0]) if values.numel() else 0.0
-    return ubs
+    cache.finish(name, len(images))
+    values = torch.cat(positives)
+    return float(row_quantile(values[None], pct)[0]) if values.numel() else 0.0
 
 
 def disk_plans(detector: nn.Module, names: list[str], images, io_cache: TensorCache, aph: TensorCache,
-               key: str) -> dict[str, CachePlan]:
-    """What the MLP cache and the APH cache will hold, from float feature passes (one per input shape)."""
+               key: str, keep: bool = False) -> dict[str, CachePlan]:
+    """What the MLP cache and the APH cache will hold, from float feature passes (one per input shape).
+
+    ``keep``: the MLP cache keeps every block's entry (``--keep-cache``).
+    """
     ios = per_image_shapes(detector, names, images, extra={f"{n}.mlp": f"{n}.mlp" for n in names})
     count = len(images)
-    return {"mlp_cache": mlp_plan(io_cache.root, names, ios, key, complete_entries(io_cache, names, count)),
+    return {"mlp_cache": mlp_plan(io_cache.root, names, ios, key, complete_entries(io_cache, names, count), keep),
             "aph_cache": aph_plan(aph.root, names, ios, complete_entries(aph, names, count))}
 
 
@@ -202,9 +216,10 @@ def mlp_recon(*, model: str, run: Path, iters: int | None = None, images: int | 
     predicted (``RUN/mlp_recon/disk_plan.json``) and the stage stops if they do not fit.
 
     Args:
-        keep_cache: keep the MLP cache (``RUN/mlp_recon/cache``) once the artifact is written. It
-            only serves a resumed or forced mlp-recon, and it is the largest cache of all at COCO
-            size (about 63 GB for Swin-T's 256 images, docs/scale.md), so by default it goes.
+        keep_cache: keep the MLP cache (``RUN/mlp_recon/cache``): every block's entry, instead of
+            removing each once its block is trained. It only serves a resumed or forced mlp-recon,
+            and whole it is the largest cache of all at COCO size (about 63 GB for Swin-T's 256
+            images against 13 GB for its largest block, docs/scale.md), so by default it goes.
         progress: optional callable ``(description, done, total)``.
         free_space: ``path -> free bytes`` instead of the filesystem's (tests).
     """
@@ -229,28 +244,24 @@ def mlp_recon(*, model: str, run: Path, iters: int | None = None, images: int | 
     io_cache = TensorCache(io_root, key=stage.cache_key)
     aph = aph_cache(source, dataset, config.delta)
     header = StageRecord(**stage.header(), mlp_recon=asdict(config), quant_config=stage.quant_config)
-    plans = disk_plans(detector, [n for n, _ in blocks], images, io_cache, aph, stage.cache_key)
+    plans = disk_plans(detector, [n for n, _ in blocks], images, io_cache, aph, stage.cache_key, keep_cache)
     check_free_space(STAGE, [("MLP cache", plans["mlp_cache"]), ("APH cache", plans["aph_cache"])], free_space)
 
-    # Under torchrun: rank 0 alone caches the MLP inputs (one float forward per image for all
-    # blocks) and trains; every rank computes its share of the APH estimates.
+    # Under torchrun every rank computes its share of the APH estimates; rank 0 alone caches the MLP
+    # inputs and trains. The detector stays float throughout (each block trains a copy of its MLP), so
+    # the APH estimates and each block's cached inputs both come from the untouched float model.
     main = distributed.is_main()
-    ub_path = Path(run) / "mlp_recon" / "ub.safetensors"
-    # The bounds and the MLP input cache are made together: a damaged, older-format or stale bounds
-    # file is remade with them, not a dead end for every rerun.
-    saved = None if force or not main else load_if_current(ub_path, stage="mlp-recon-ub", inputs=inputs)
     if main:
         write_plan(Path(run) / "mlp_recon" / "disk_plan.json", plans, len(images))
-    if main and (saved is None or not all(io_cache.complete(n, len(images)) for n, _ in blocks)):
-        ubs = collect_mlp_io(detector, blocks, images, io_cache, config.pct,
-                             lambda d, t: report("collect float MLP inputs", d, t))
-        saved = {f"{n}.ub": torch.tensor(v) for n, v in ubs.items()}
-        save_artifact(ub_path, saved, stage="mlp-recon-ub", config=header.to_dict(), inputs=inputs)
-    for name, block in blocks:  # APH needs the untouched float model: all blocks first
+    for name, block in blocks:
         ensure_block_aph(detector, name, block, images, aph, RPN_TASK, config.delta,
                          lambda d, t, name=name: report(f"APH {name}", d, t))
     if not main:
         return StageResult(stage.out, False)
+    ub_path = Path(run) / "mlp_recon" / "ub.safetensors"
+    # A block's bound and its cached inputs are made together: a damaged, older-format or stale bounds
+    # file is remade with the cache, not a dead end for every rerun.
+    saved = {} if force else (load_if_current(ub_path, stage="mlp-recon-ub", inputs=inputs) or {})
     ubs = {k[: -len(".ub")]: float(v) for k, v in saved.items()}
 
     result: dict[str, torch.Tensor] = {}
@@ -259,7 +270,12 @@ def mlp_recon(*, model: str, run: Path, iters: int | None = None, images: int | 
         # A finished block is reused; a damaged one (or one made from other inputs) is trained again.
         tensors = None if force else load_if_current(path, stage="mlp-recon-block", inputs=inputs)
         if tensors is None:
-            mlp = block.mlp
+            if force or name not in ubs or not io_cache.complete(name, len(images)):
+                ubs[name] = collect_block_io(detector, name, block, images, io_cache, config.pct,
+                                             lambda d, t, name=name: report(f"collect {name}", d, t))
+                save_artifact(ub_path, {f"{n}.ub": torch.tensor(v) for n, v in ubs.items()},
+                              stage="mlp-recon-ub", config=header.to_dict(), inputs=inputs)
+            mlp = copy.deepcopy(block.mlp)
             mlp.act = nn.ReLU()
             with torch.enable_grad():
                 losses = train_block(mlp, io_cache, name, aph, name, len(images), ubs[name], config,
@@ -270,7 +286,9 @@ def mlp_recon(*, model: str, run: Path, iters: int | None = None, images: int | 
             part = header.with_fields(block=name, losses=losses, total_blocks=len(blocks))
             save_artifact(path, tensors, stage="mlp-recon-block", config=part.to_dict(), inputs=inputs)
         result.update(tensors)
+        if not keep_cache:  # only this block reads its entry: the cache holds one block at a time
+            io_cache.drop(name)
     saved = stage.save(result, header.to_dict())
-    if not keep_cache:  # the artifact is written: only a rerun of this stage would read the cache
+    if not keep_cache:  # left by an earlier run that kept it
         io_cache.drop("")
     return saved

@@ -113,28 +113,33 @@ def test_a_stage_that_would_not_fit_stops_before_writing(calibrated, tmp_path):
     assert not (tmp_path / "cache" / "aph").exists()
 
 
-def test_mlp_recon_writes_what_it_predicted_and_removes_its_cache_unless_kept(tmp_path, synth_dir,
-                                                                               random_tiny_checkpoint, monkeypatch):
+def test_mlp_recon_writes_what_it_predicted_and_holds_one_block_at_a_time(tmp_path, synth_dir,
+                                                                            random_tiny_checkpoint, monkeypatch):
     monkeypatch.setenv("APHQ_CACHE", str(tmp_path / "cache"))
     run = tmp_path / "run"
     kwargs = dict(model="tiny-mask-rcnn", run=run, checkpoint=random_tiny_checkpoint, data=synth_dir,
                   settings={"iters": 1, "images": 2})
-    mlp_recon(**kwargs, keep_cache=True)
+    report, seen = peak_meter(run / "mlp_recon" / "cache")
+    mlp_recon(**kwargs, progress=report)
     plan = json.loads((run / "mlp_recon" / "disk_plan.json").read_text())
-    assert plan["mlp_cache"]["peak_bytes"] == folder_bytes(run / "mlp_recon" / "cache") > 0
+    entries = plan["mlp_cache"]["entry_bytes"]
+    # Each block's entry is made before it trains and removed after: the peak is the largest block's.
+    assert plan["mlp_cache"]["peak_bytes"] == seen["peak"] == max(entries.values()) < sum(entries.values())
     assert plan["aph_cache"]["peak_bytes"] == folder_bytes(plan["aph_cache"]["folder"]) > 0
-    artifact = (run / "mlp_recon.safetensors").read_bytes()
+    assert not (run / "mlp_recon" / "cache").exists()
     tensors = load_file(run / "mlp_recon.safetensors")
-    # Run again without --keep-cache: the artifact is current (reused as it is) and the cache goes.
+    # --keep-cache keeps every block's entry, as planned, and learns the same tensors.
+    (run / "mlp_recon.safetensors").unlink()
+    mlp_recon(**kwargs, keep_cache=True, force=True)
+    plan = json.loads((run / "mlp_recon" / "disk_plan.json").read_text())
+    assert plan["mlp_cache"]["peak_bytes"] == folder_bytes(run / "mlp_recon" / "cache") == sum(entries.values())
+    again = load_file(run / "mlp_recon.safetensors")
+    assert again.keys() == tensors.keys() and all(torch.equal(again[k], tensors[k]) for k in tensors)
+    artifact = (run / "mlp_recon.safetensors").read_bytes()
+    # Run again without it: the artifact is current (reused as it is) and the cache goes.
     mlp_recon(**kwargs)
     assert not (run / "mlp_recon" / "cache").exists()
     assert (run / "mlp_recon.safetensors").read_bytes() == artifact
-    # A run that makes the artifact removes the cache once it is written; the same tensors.
-    (run / "mlp_recon.safetensors").unlink()
-    mlp_recon(**kwargs)
-    assert not (run / "mlp_recon" / "cache").exists()
-    again = load_file(run / "mlp_recon.safetensors")
-    assert again.keys() == tensors.keys() and all(torch.equal(again[k], tensors[k]) for k in tensors)
 
 
 def _scale_bench():
