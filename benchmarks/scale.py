@@ -32,6 +32,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -214,8 +215,10 @@ def chain(args, model: str, images: int, work: Path) -> list[Step]:
         model_arg, trust = str(scaled_config(model, size, work / f"{model}-{size[0]}x{size[1]}.py")), ["--trust-config"]
     base = work / f"{model}-n{images}"
     run, cache, export = base / "run", base / "cache", base / "export.safetensors"
+    # A chain left in --work by an earlier run would make every stage a cache hit and time nothing.
+    shutil.rmtree(base, ignore_errors=True)
     for path in (run, cache):
-        path.mkdir(parents=True, exist_ok=True)
+        path.mkdir(parents=True)
     common = ["--model", model_arg, "--checkpoint", str(ckpt), "--data", str(data), "--device", args.device]
     counts = ["--images", str(images), "--iters", str(args.iters)]
     plan = [("eval", ["eval", *common, "--limit", str(args.eval_images)]),
