@@ -102,10 +102,16 @@ def coco_data(out: Path, size: tuple[int, int], train: int, val: int, seed: int 
     renamed to COCO's first names, which the full models' dataset matches.
     """
     out = Path(out)
-    if (out / "annotations" / "instances_val2017.json").is_file():
-        return out
-    width, height = size
     need = {"train": train, "val": val}
+    try:  # one made before, with as many images as needed or more, serves (its first ones are taken)
+        if all(len(json.loads((out / "annotations" / f"instances_{s}2017.json").read_text())["images"]) >= n
+               for s, n in need.items()):
+            return out
+    except (OSError, ValueError, KeyError):
+        pass
+    # Fewer (a smaller --images before): the stages would quietly use what there is.
+    shutil.rmtree(out, ignore_errors=True)
+    width, height = size
     factor = 1 if width == height else 4  # one draw in four has (width, height) when they differ
     for attempt in range(6):
         spec = SynthSpec(seed=seed, num_train=max(1, factor * train * 2 ** attempt + 4),
@@ -366,18 +372,33 @@ def with_disk_section(text: str, section: str, reading: str) -> str:
     return text[:start] + section + (text[end + 1:] if end >= 0 else reading)
 
 
-def earlier_run(out: Path, models) -> tuple[list[Step], list[str]]:
+def earlier_run(out: Path, models, images=None) -> tuple[list[Step], list[str]]:
     """The steps (from ``out``'s .json) and commands (from its Commands block) of an earlier run that are
-    about none of ``models``: what ``--merge`` keeps."""
+    about none of ``models`` (with ``images``: none of those models' chains of these image counts):
+    what ``--merge`` keeps."""
     data = out.with_suffix(".json")
     if not data.exists():
         return [], []
-    steps = [Step(**s) for s in json.loads(data.read_text()) if s["model"] not in models]
+
+    def measured(model: str, count: int | None) -> bool:
+        return model in models and (images is None or count in images)
+
+    steps = [Step(**s) for s in json.loads(data.read_text()) if not measured(s["model"], s["images"])]
     text = out.read_text() if out.exists() else ""
     block = text.split("## Commands", 1)[1].split("```")[1] if "## Commands" in text else ""
     named = re.compile(r"(?<![\w-])(" + "|".join(map(re.escape, models)) + r")(?![\w-])")  # not a longer name
-    commands = [line for line in block.splitlines()
-                if line.startswith("$ ") and "--disk-only" not in line and not named.search(line)]
+    chain_dir = re.compile(r"/([\w.-]+)-n(\d+)/")
+    commands = []
+    for line in block.splitlines():
+        if not line.startswith("$ ") or "--disk-only" in line:
+            continue
+        folder = chain_dir.search(line)
+        if folder:  # a stage of one chain
+            gone = measured(folder.group(1), int(folder.group(2)))
+        else:  # a benchmark command, or the float eval: kept while any of its rows are
+            gone = bool(named.search(line)) and images is None
+        if not gone:
+            commands.append(line)
     return steps, commands
 
 
@@ -418,8 +439,9 @@ def write_markdown(args, steps: list[Step], commands: list[str]) -> str:
              f"{time.strftime('%Y-%m-%d')}: seeded random weights, synthetic images of exactly {w}x{h}, "
              f"{args.iters} iterations per unit. Every stage is its own process; RSS is its peak resident "
              "memory, disk the most the run folder / `$APHQ_CACHE` held while it ran (and at its end)."
-             + (" Rows of other models than " + ", ".join(args.models) + " come from an earlier run (`--merge`; "
-                "its commands are below)." if args.merge else ""), "",
+             + (" Only the rows of " + ", ".join(args.models) + " with " + " and ".join(map(str, sorted(set(args.images))))
+                + " images are this run's; the others come from earlier runs (`--merge`; their commands are below)."
+                if args.merge else ""), "",
              "| model | images | stage | wall s | peak RSS MiB | run peak / end MiB | cache peak / end MiB |",
              "|---|---:|---|---:|---:|---:|---:|"]
     for s in steps:
@@ -462,7 +484,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "scale", help="runs, caches, data, checkpoints")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "scale.md")
     ap.add_argument("--merge", action="store_true",
-                    help="keep the other models' rows and commands of an earlier run in --out (its .json)")
+                    help="keep the rows and commands of an earlier run in --out (its .json) of other models, "
+                         "or of these models at other image counts")
     ap.add_argument("--disk-only", action="store_true",
                     help="only plan the published schedule's disk for the four models (seconds; no stage runs)")
     args = ap.parse_args(argv)
@@ -483,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = [command]
     commands += ["$ aphq " + " ".join(s.argv) for s in steps]
     if args.merge:
-        kept_steps, kept_commands = earlier_run(args.out, args.models)
+        kept_steps, kept_commands = earlier_run(args.out, args.models, set(args.images))
         steps, commands = kept_steps + steps, kept_commands + commands
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(write_markdown(args, steps, commands) + reading)

@@ -3,7 +3,7 @@
 import json
 from dataclasses import asdict
 
-from benchmarks.scale import Step, earlier_run, schedule_table
+from benchmarks.scale import Step, coco_data, earlier_run, schedule_table
 
 
 def step(model: str, stage: str) -> Step:
@@ -28,6 +28,23 @@ def test_merge_keeps_the_other_models_steps_and_commands(tmp_path):
     assert kept == steps and len(commands) == 3
 
 
+def test_merge_of_some_image_counts_keeps_the_model_s_other_chains(tmp_path):
+    out = tmp_path / "scale.md"
+    two, four = (Step(**{**asdict(step("mask-rcnn-swin-t", "calibrate")), "images": n}) for n in (2, 4))
+    out.with_suffix(".json").write_text(json.dumps([asdict(two), asdict(four)]))
+    out.write_text("# Cost\n\n## Commands\n\n```bash\n"
+                   "$ .venv/bin/python benchmarks/scale.py --models mask-rcnn-swin-t --images 2 4\n"
+                   "$ aphq eval --model mask-rcnn-swin-t --checkpoint /w/mask-rcnn-swin-t.pth\n"
+                   "$ aphq calibrate --model mask-rcnn-swin-t --run /w/mask-rcnn-swin-t-n2/run\n"
+                   "$ aphq calibrate --model mask-rcnn-swin-t --run /w/mask-rcnn-swin-t-n4/run\n```\n")
+    kept, commands = earlier_run(out, ["mask-rcnn-swin-t"], {4})
+    # The 2-image chain stays with the commands that made it; the 4-image chain's stage is measured again.
+    assert kept == [two]
+    assert commands == ["$ .venv/bin/python benchmarks/scale.py --models mask-rcnn-swin-t --images 2 4",
+                        "$ aphq eval --model mask-rcnn-swin-t --checkpoint /w/mask-rcnn-swin-t.pth",
+                        "$ aphq calibrate --model mask-rcnn-swin-t --run /w/mask-rcnn-swin-t-n2/run"]
+
+
 def test_merge_without_an_earlier_run_keeps_nothing(tmp_path):
     assert earlier_run(tmp_path / "scale.md", ["mask-rcnn-swin-t"]) == ([], [])
 
@@ -45,3 +62,15 @@ def test_a_model_not_rehearsed_is_priced_from_its_twin_and_says_so():
     assert rows == ["| mask-rcnn-swin-t | reconstruct | 2.8 h | 8.5 min | 7.0 h | 9.9 h | unit_cache 256.0 GiB |",
                     "| cascade-mask-rcnn-swin-t (as mask-rcnn-swin-t: the same units) | reconstruct | 2.8 h | "
                     "8.5 min | 7.0 h | 9.9 h | unit_cache 256.0 GiB |"]
+
+
+def test_a_data_folder_with_too_few_images_is_made_again(tmp_path):
+    """A folder left by a run with fewer --images would make the stages quietly use fewer."""
+    def count(folder, split):
+        return len(json.loads((folder / "annotations" / f"instances_{split}2017.json").read_text())["images"])
+
+    folder = coco_data(tmp_path / "coco", (96, 96), 1, 1)
+    assert (count(folder, "train"), count(folder, "val")) == (1, 1)
+    assert coco_data(tmp_path / "coco", (96, 96), 1, 1) == folder and count(folder, "train") == 1
+    coco_data(tmp_path / "coco", (96, 96), 3, 1)
+    assert count(folder, "train") == 3 and len(list((folder / "train2017").iterdir())) == 3
