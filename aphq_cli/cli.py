@@ -90,7 +90,29 @@ def run_stage(stage_fn: Callable, label: str | None = None, **kwargs) -> None:
         path, hit = stage_fn(progress=progress, **kwargs)
     if hit:
         err.print(f"{path} is current (same inputs and options); --force recomputes it")
+    fewer = fewer_images(path)
+    if fewer:
+        err.print(f"note: {fewer}", highlight=False, soft_wrap=True)
     print(path)
+
+
+def fewer_images(path: Path) -> str | None:
+    """A sentence when a stage artifact was made from fewer images than its settings asked for, else None.
+
+    A split with fewer images than ``--images`` is not an error (a small dataset still calibrates), but
+    a user who asked for 256 and got 2 must hear of it: the stages take what the split has.
+    """
+    from aphq_cli.artifacts import read_header
+
+    header = read_header(path)
+    config = header.config
+    section = config.get(header.stage.replace("-", "_"))
+    asked = section.get("images") if isinstance(section, dict) else None
+    used = len(config.get("image_ids") or [])
+    if not isinstance(asked, int) or used >= asked:
+        return None
+    return (f"{path.name} was made from {used} image(s), not the {asked} asked for: the "
+            f"{config.get('calib_split', 'train')} split has no more")
 
 
 ModelOpt = typer.Option("tiny-mask-rcnn", "--model", "-m",

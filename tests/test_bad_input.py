@@ -632,3 +632,18 @@ def test_temp_files_of_killed_writers_are_swept(setup, tmp_path):
     result = CliRunner().invoke(app, ["reconstruct", "--run", str(run), "--loss", "none"])
     assert result.exit_code == 0, result.output
     assert not any(p.exists() for p in stale) and live.exists()
+
+
+def test_fewer_images_than_asked_is_said(setup, tmp_path, monkeypatch):
+    """The split has 4 training images: asking for 6 runs on those 4, and says so; asking for 2 says nothing."""
+    monkeypatch.setenv("APHQ_CACHE", str(tmp_path / "cache"))
+    run = _copy_run(setup, tmp_path)
+    result = CliRunner().invoke(app, ["reconstruct", "--run", str(run), "--loss", "mse", "--iters", "1",
+                                      "--images", "6"])
+    assert result.exit_code == 0, result.output
+    assert ("note: reconstruct.safetensors was made from 4 image(s), not the 6 asked for: the train split has "
+            "no more") in " ".join(result.output.split())
+    result = CliRunner().invoke(app, ["reconstruct", "--run", str(run), "--loss", "mse", "--iters", "1",
+                                      "--images", "2"])
+    assert result.exit_code == 0, result.output
+    assert "note:" not in result.output
