@@ -102,9 +102,16 @@ def fewer_images(path: Path) -> str | None:
     A split with fewer images than ``--images`` is not an error (a small dataset still calibrates), but
     a user who asked for 256 and got 2 must hear of it: the stages take what the split has.
     """
+    from aphq_cli import distributed
     from aphq_cli.artifacts import read_header
+    from aphq_cli.errors import AphqError
 
-    header = read_header(path)
+    if not distributed.is_main():  # the other ranks of a torchrun may return before rank 0 writes it
+        return None
+    try:
+        header = read_header(path)
+    except AphqError:  # a note never fails a stage that succeeded
+        return None
     config = header.config
     section = config.get(header.stage.replace("-", "_"))
     asked = section.get("images") if isinstance(section, dict) else None
