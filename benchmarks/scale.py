@@ -59,11 +59,6 @@ PAPER_MODELS = ("mask-rcnn-swin-t", "mask-rcnn-swin-s", "cascade-mask-rcnn-swin-
 COCO_CANVAS = (1344, 800)
 COCO_SIZE = (1333, 800)
 PUBLISHED = {"images": 256, "iters": 20000}
-# mlp-recon and reconstruct (without --heads) touch the backbone and the FPN only, and their APH task loss is
-# the RPN's: a Mask R-CNN and a Cascade Mask R-CNN with the same backbone have the same units, shapes and
-# task, so one's measured chain prices the other's published schedule.
-TWINS = {"mask-rcnn-swin-s": "cascade-mask-rcnn-swin-s", "cascade-mask-rcnn-swin-t": "mask-rcnn-swin-t",
-         "mask-rcnn-swin-t": "cascade-mask-rcnn-swin-t", "cascade-mask-rcnn-swin-s": "mask-rcnn-swin-s"}
 # COCO's first category names: the detectors' CocoDataset matches annotation categories by name.
 COCO_NAMES = ("person", "bicycle", "car", "motorcycle", "airplane", "bus", "train")
 DONE_LINE = re.compile(r"^\S+ \S+ (?P<stage>[\w-]+): (?P<phase>.+): done, (?P<n>\d+) in (?P<clock>[\d:]+) "
@@ -406,10 +401,20 @@ def hours(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
 
 
+def twin(model: str) -> str:
+    """The paper model with ``model``'s backbone and the other detector (``mask-rcnn-swin-t`` <-> ``cascade-...``).
+
+    mlp-recon and reconstruct (without --heads) touch the backbone and the FPN only, and their APH task
+    loss is the RPN's: the two have the same units, shapes and task, so one's measured chain prices the
+    other's published schedule.
+    """
+    return model.removeprefix("cascade-") if model.startswith("cascade-") else "cascade-" + model
+
+
 def schedule_table(steps: list[Step]) -> list[str]:
     """Markdown: the published schedule's time and caches per model, from each model's largest chain.
 
-    A paper model without a chain of its own is priced from its twin's (:data:`TWINS`), and says so.
+    A paper model without a chain of its own is priced from its twin's (:func:`twin`), and says so.
     """
     lines = [f"## The published schedule ({PUBLISHED['images']} images x {PUBLISHED['iters']} iterations per unit)",
              "", "Extrapolated from the largest image count above: training = each unit's s/iteration x "
@@ -419,9 +424,9 @@ def schedule_table(steps: list[Step]) -> list[str]:
              "backbone and FPN only, with the RPN's task loss).",
              "", "| model | stage | training | APH | rest | total | cache peaks |", "|---|---|---:|---:|---:|---:|---|"]
     measured = list(dict.fromkeys(s.model for s in steps))
-    priced = measured + [m for m in PAPER_MODELS if m not in measured and TWINS[m] in measured]
+    priced = measured + [m for m in PAPER_MODELS if m not in measured and twin(m) in measured]
     for model in priced:
-        source = model if model in measured else TWINS[model]
+        source = model if model in measured else twin(model)
         most = max(s.images for s in steps if s.model == source)
         mine = [s for s in steps if s.model == source and s.images == most]
         label = model if source == model else f"{model} (as {source}: the same units)"
