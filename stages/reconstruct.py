@@ -34,8 +34,8 @@ from aphq_cli.diskplan import (CachePlan, HeadPlan, aph_plan, check_free_space, 
 from aphq_cli.errors import AphqError
 from aphq_cli.models.heads import HEAD_LOSSES, float_head_inputs, head_cache_shapes, head_units
 from aphq_cli.models.plan import RPN_TASK, units_of
-from aphq_cli.quant.adaround import (beta_schedule, init_alpha, qdrop_mix, rounding_regularizer, soft_quantize_floor,
-                                     soft_quantize_weight)
+from aphq_cli.quant.adaround import (beta_schedule, hard_quantize_floor, init_alpha, qdrop_mix, rounding_regularizer,
+                                     soft_quantize_floor, soft_quantize_weight)
 from aphq_cli.quant.aph import block_fisher, ensure_block_aph
 from aphq_cli.quant.headloss import normalized_sum
 from aphq_cli.quant.modules import QuantConv2d, QuantLinear, Quantizer
@@ -74,6 +74,9 @@ class ReconstructConfig:
     heads: bool = False  # also reconstruct the RPN, box and mask heads (beyond the paper; issue #18)
     head_kinds: str = "rpn,box,mask"  # with heads: which of them (one alone, to see where each helps)
     head_loss: str = "task"  # with heads: "task" (KL, smooth-L1 on what the float model keeps) or "mse"
+    # With heads: Adam's learning rate for the head layers' weight-quantizer scales, learned beside
+    # their rounding (as relative gains, cosine decay); 0 keeps the calibrated scales, as AdaRound does.
+    head_w_scale_lr: float = 0.0
     cache_dtype: str = "float32"  # the unit cache's floats: "float16" halves its disk (issue #19)
     version: int = field(default=CONFIG_VERSION)
 
@@ -90,8 +93,9 @@ class ReconstructConfig:
         for name in ("w_lr", "a_lr", "delta"):
             if not getattr(self, name) > 0:
                 raise AphqError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.reg_weight < 0:
-            raise AphqError(f"reg_weight must be >= 0, got {self.reg_weight}")
+        for name in ("reg_weight", "head_w_scale_lr"):
+            if not getattr(self, name) >= 0:
+                raise AphqError(f"{name} must be >= 0, got {getattr(self, name)}")
         check_calib_split(self.calib_split)
         kinds = self.head_kinds.split(",")
         if not kinds or not set(kinds) <= set(HEAD_KINDS) or len(set(kinds)) != len(kinds):
@@ -142,24 +146,37 @@ HEAD_KINDS = ("rpn", "box", "mask")
 class SoftRounding(nn.Module):
     """Stands in for a layer's weight quantizer while its rounding is learned.
 
-    The weight and its quantizer's scale are fixed meanwhile, so ``floor(W / s)``
-    is computed once (not a buffer: it never reaches an artifact).
+    The weight is fixed meanwhile, so ``floor(W / s)`` is computed once (not a
+    buffer: it never reaches an artifact). With ``learn_scale`` the quantizer's
+    scale learns too, as ``s * gain`` (one gain per scale entry, starting at 1,
+    so one learning rate suits layers whose steps differ by orders of
+    magnitude); the integer grid ``floor`` stays the calibrated one, and
+    :meth:`harden` writes the learned scale into the quantizer.
     """
 
-    def __init__(self, quantizer: nn.Module, weight: torch.Tensor) -> None:
+    def __init__(self, quantizer: nn.Module, weight: torch.Tensor, learn_scale: bool = False) -> None:
         super().__init__()
         self.quantizer = quantizer
         self.alpha = nn.Parameter(init_alpha(weight.detach(), quantizer.scale))
         self.floor = torch.floor(weight.detach() / quantizer.scale)
+        self.gain = nn.Parameter(torch.ones_like(quantizer.scale)) if learn_scale else None
+
+    def scale(self) -> torch.Tensor:
+        return self.quantizer.scale if self.gain is None else self.quantizer.scale * self.gain
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         q = self.quantizer
-        return soft_quantize_floor(self.floor, q.scale, q.zero_point, q.bits, self.alpha)
+        return soft_quantize_floor(self.floor, self.scale(), q.zero_point, q.bits, self.alpha)
 
     @torch.no_grad()
     def harden(self, weight: torch.Tensor) -> torch.Tensor:
+        """The hard-rounded weight; a learned scale goes into the quantizer, so the weight is on its grid."""
         q = self.quantizer
-        return soft_quantize_weight(weight, q.scale, q.zero_point, q.bits, self.alpha, hard=True)
+        if self.gain is None:
+            return soft_quantize_weight(weight, q.scale, q.zero_point, q.bits, self.alpha, hard=True)
+        scale = self.scale()
+        q.scale.copy_(scale)
+        return hard_quantize_floor(self.floor, scale, q.zero_point, q.bits, self.alpha)
 
 
 def _run_unit(unit: nn.Module, x, extra: dict | None = None):
@@ -231,7 +248,9 @@ def reconstruct_unit(unit: nn.Module, caches: "UnitCaches", k: int, weights, con
     acts = [m for n, m in unit.named_modules() if isinstance(m, Quantizer) and not n.endswith("w_quant")]
     if not layers and not acts:
         return []
-    soft = {id(layer): SoftRounding(layer.w_quant, layer.weight) for layer in layers}
+    # A head unit may learn its weight scales too (head_w_scale_lr; beyond AdaRound, issue #18).
+    learn_scale = head_loss is not None and config.head_w_scale_lr > 0
+    soft = {id(layer): SoftRounding(layer.w_quant, layer.weight, learn_scale) for layer in layers}
     # Only the rounding variables and the activation scales learn: the unit's own weights, biases and
     # norms are frozen, so backward computes no gradient for them (it used to: unused work).
     frozen = [p for p in unit.parameters() if p.requires_grad]
@@ -250,6 +269,8 @@ def reconstruct_unit(unit: nn.Module, caches: "UnitCaches", k: int, weights, con
     gen = torch.Generator().manual_seed(seed)
     opt_w = torch.optim.Adam([s.alpha for s in soft.values()], lr=config.w_lr)
     opt_a = torch.optim.Adam(scales, lr=config.a_lr) if scales else None
+    gains = [s.gain for s in soft.values() if s.gain is not None]
+    opt_g = torch.optim.Adam(gains, lr=config.head_w_scale_lr) if gains else None
     first, losses, firsts = None, [], {}
     part = timer or _untimed
 
@@ -290,12 +311,16 @@ def reconstruct_unit(unit: nn.Module, caches: "UnitCaches", k: int, weights, con
     try:
         for step in range(config.iters):
             with part("backward"):
-                if opt_a is not None:  # activation scales: cosine decay (method.md §6)
-                    for g in opt_a.param_groups:
-                        g["lr"] = config.a_lr * 0.5 * (1 + math.cos(math.pi * step / config.iters))
+                # Activation scales (method.md §6), and learned weight scales: cosine decay.
+                for opt, lr in ((opt_a, config.a_lr), (opt_g, config.head_w_scale_lr)):
+                    if opt is not None:
+                        for g in opt.param_groups:
+                            g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / config.iters))
                 opt_w.zero_grad()
                 if opt_a is not None:
                     opt_a.zero_grad()
+                if opt_g is not None:
+                    opt_g.zero_grad()
             matched = []  # the reconstruction terms of this step's images
             for j in range(per):
                 i = step * per + j
@@ -327,6 +352,11 @@ def reconstruct_unit(unit: nn.Module, caches: "UnitCaches", k: int, weights, con
                     with torch.no_grad():
                         for s in scales:
                             s.clamp_(min=1e-8)
+                if opt_g is not None:
+                    opt_g.step()
+                    with torch.no_grad():  # a step stays positive
+                        for gain in gains:
+                            gain.clamp_(min=1e-3)
             # The reconstruction term alone, relative to the first step's (the rounding
             # regularizer's scale is the number of weights, which would swamp it).
             rec = matched[0] if per == 1 else torch.stack(matched).mean()

@@ -39,8 +39,10 @@ def soft_quantize_floor(floor: torch.Tensor, scale: torch.Tensor, zero_point: to
                         alpha: torch.Tensor) -> torch.Tensor:
     """:func:`soft_quantize_weight` (soft) from ``floor(W / s)``, which stays fixed while ``alpha`` learns.
 
-    The same numbers, forward and backward (gradient for ``alpha`` only), as
-    the plain graph, in a fraction of its operations: see :class:`_SoftQuantize`.
+    The same numbers, forward and backward, as the plain graph, in a fraction
+    of its operations: see :class:`_SoftQuantize`. A ``scale`` that requires
+    grad learns too (the head units' option): the integer grid ``floor`` stays
+    the one its first scale made, and only the step between its levels moves.
     """
     return _SoftQuantize.apply(alpha, floor, scale, zero_point, bits)
 
@@ -51,7 +53,8 @@ class _SoftQuantize(torch.autograd.Function):
     Backward is, in the graph's order, ``grad * s`` masked by the outer clamp,
     masked by the clamp of ``h``, times ``zeta - gamma``, through the sigmoid:
     the graph's numbers to the bit (but the sign of a zero), without its
-    comparisons and ``where`` (costly on CPU).
+    comparisons and ``where`` (costly on CPU). Only when ``s`` needs one, its
+    gradient ``grad * (clamp(t, 0, Q) - z)`` summed to the shape of ``s``.
     """
 
     @staticmethod
@@ -60,6 +63,7 @@ class _SoftQuantize(torch.autograd.Function):
         h0 = y * (ZETA - GAMMA) + GAMMA  # rectified_sigmoid, before its clamp
         t = floor + torch.clamp(h0, 0, 1) + zero_point
         ctx.bits = bits
+        ctx.zero_point = zero_point  # a buffer, never learned (the backward of a learned scale reads it)
         ctx.save_for_backward(y, h0, t, scale)
         return t.clamp(0, 2 ** bits - 1).sub_(zero_point).mul_(scale)
 
@@ -67,7 +71,18 @@ class _SoftQuantize(torch.autograd.Function):
     def backward(ctx, grad):
         y, h0, t, scale = ctx.saved_tensors
         grad_h = clamp_backward(clamp_backward(grad * scale, t, 0, 2 ** ctx.bits - 1), h0, 0, 1)
-        return torch.ops.aten.sigmoid_backward(grad_h * (ZETA - GAMMA), y), None, None, None, None
+        grad_scale = None
+        if ctx.needs_input_grad[2]:
+            zero_point = ctx.zero_point
+            grad_scale = (grad * (t.clamp(0, 2 ** ctx.bits - 1) - zero_point)).sum_to_size(scale.shape)
+        return torch.ops.aten.sigmoid_backward(grad_h * (ZETA - GAMMA), y), None, grad_scale, None, None
+
+
+def hard_quantize_floor(floor: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int,
+                        alpha: torch.Tensor) -> torch.Tensor:
+    """The hard rounding :func:`soft_quantize_floor` ends in: ``h`` rounded to 0 or 1."""
+    h = (rectified_sigmoid(alpha) >= 0.5).to(floor.dtype)
+    return (torch.clamp(floor + h + zero_point, 0, 2 ** bits - 1) - zero_point) * scale
 
 
 def rounding_regularizer(alpha: torch.Tensor, beta: float) -> torch.Tensor:

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from aphq_cli.quant.adaround import (beta_schedule, init_alpha, qdrop_mix, rectified_sigmoid, rounding_regularizer,
-                                     soft_quantize_floor, soft_quantize_weight)
+from aphq_cli.quant.adaround import (beta_schedule, hard_quantize_floor, init_alpha, qdrop_mix, rectified_sigmoid,
+                                     rounding_regularizer, soft_quantize_floor, soft_quantize_weight)
 
 
 def test_rectified_sigmoid_hand_values():
@@ -68,3 +68,29 @@ def test_soft_quantize_from_the_floor_is_the_plain_graph_to_the_bit():
     fused = soft_quantize_floor(torch.floor(w / s), s, z, 4, alpha)
     assert torch.equal(plain, fused)
     assert torch.equal(torch.autograd.grad(plain, alpha, grad)[0], torch.autograd.grad(fused, alpha, grad)[0])
+
+
+def test_a_learned_scale_gets_the_gradient_of_the_plain_graph():
+    """#18's learned weight scale: the fused op's gradient for ``s`` is the graph's, ``sum grad * (q - z)`` per row."""
+    torch.manual_seed(1)
+    w = torch.randn(16, 40)
+    s0, z = torch.rand(16, 1) * 0.2 + 0.02, torch.full((16, 1), 8.0)
+    floor = torch.floor(w / s0)
+    alpha = init_alpha(w, s0) + torch.randn(16, 40) * 3
+    s = (s0 * (1 + torch.rand(16, 1) * 0.2)).requires_grad_()  # a step away from the calibrated one
+    grad = torch.randn(16, 40)
+    fused = soft_quantize_floor(floor, s, z, 4, alpha)
+    codes = torch.clamp(floor + rectified_sigmoid(alpha) + z, 0, 15)  # the level each weight sits on, by hand
+    assert torch.allclose(fused, (codes - z) * s.detach(), rtol=0, atol=1e-6)
+    got = torch.autograd.grad(fused, s, grad)[0]
+    expected = (grad * (codes - z)).sum(dim=1, keepdim=True)
+    assert got.shape == s.shape and torch.allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_hard_rounding_from_the_floor_is_the_hard_plain_graph():
+    torch.manual_seed(2)
+    w = torch.randn(8, 24)
+    s, z = torch.rand(8, 1) * 0.2 + 0.02, torch.full((8, 1), 8.0)
+    alpha = init_alpha(w, s) + torch.randn(8, 24)
+    assert torch.equal(hard_quantize_floor(torch.floor(w / s), s, z, 4, alpha),
+                       soft_quantize_weight(w, s, z, 4, alpha, hard=True))

@@ -383,6 +383,33 @@ def test_one_kind_of_head_alone(calibrated):
     assert not any(k.startswith(("param:roi_head.bbox_head.", "param:rpn_head.")) for k in rec)
 
 
+def _weight_scales(tensors, prefixes):
+    return {k: v for k, v in tensors.items() if k.startswith(prefixes) and k.endswith(".w_quant.scale")}
+
+
+def test_head_weight_scales_learn_only_when_asked(calibrated):
+    """#18: head_w_scale_lr > 0 learns the head layers' weight scales (0, the default, keeps calibrate's);
+    the weights end on the learned grid, and the backbone's scales are calibrate's either way."""
+    with pytest.raises(AphqError, match="head_w_scale_lr must be >= 0, got -0.1"):
+        ReconstructConfig(head_w_scale_lr=-0.1)
+    cal, _ = load_artifact(calibrated / "calibrate.safetensors")
+    heads, body = ("quant:rpn_head.", "quant:roi_head."), ("quant:backbone.", "quant:neck.")
+    assert _weight_scales(cal, heads) and _weight_scales(cal, body)
+    for lr, learned in ((0.0, False), (0.05, True)):
+        reconstruct(run=calibrated, loss="mse", force=True,
+                    settings={"iters": 3, "images": 1, "heads": True, "head_w_scale_lr": lr})
+        rec, _ = load_artifact(calibrated / "reconstruct.safetensors")
+        changed = [k for k, v in _weight_scales(cal, heads).items() if not torch.equal(rec[k], v)]
+        assert bool(changed) == learned and (not learned or len(changed) == len(_weight_scales(cal, heads)))
+        assert all(torch.equal(rec[k], v) for k, v in _weight_scales(cal, body).items())
+    model, _, _ = load_stage(calibrated)
+    for m in list(model.rpn_head.modules()) + list(model.roi_head.modules()):
+        if isinstance(m, (QuantLinear, QuantConv2d)):  # on the grid of the learned scale
+            codes = m.weight / m.w_quant.scale + m.w_quant.zero_point
+            assert torch.allclose(codes, codes.round(), atol=1e-3)
+            assert torch.equal(m.w_quant(m.weight), m.weight)
+
+
 def _plain_graph(monkeypatch):
     """The loop as it was before its speed work: every quantizer and QDrop choice as a plain autograd graph.
 
