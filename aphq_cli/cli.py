@@ -254,11 +254,11 @@ def reconstruct_cmd(
                                help="Also reconstruct the RPN, box and mask heads after the FPN (beyond the paper)."),
     device: str = DeviceOpt,
     force: bool = typer.Option(False, "--force", help="Recompute every unit even if finished."),
-    drop_aph_cache: bool = typer.Option(
-        False, "--drop-aph-cache",
-        help="Remove this run's APH weights from the shared cache ($APHQ_CACHE/aph), each unit's once it is "
-             "done: no later stage reads them, but another run on the same checkpoint and images would "
-             "recompute them (and one running at the same time would miss them)."),
+    keep_aph_cache: bool = typer.Option(
+        False, "--keep-aph-cache/--drop-aph-cache",
+        help="Keep this run's APH weights in the shared cache ($APHQ_CACHE/aph) for later runs on the same "
+             "checkpoint and images. By default they are removed, each unit's once it is done (no later stage "
+             "reads them), unless another run is using them."),
     quant_config: Optional[str] = QuantConfigOpt,
     trust_checkpoint: bool = TrustOpt,
     trust_config: bool = TrustConfigOpt,
@@ -268,7 +268,7 @@ def reconstruct_cmd(
 
     run_stage(reconstruct, run=run, loss=loss, iters=iters, images=images, calib_split=calib_split,
               heads=True if heads else None, device=device, force=force, trust_checkpoint=trust_checkpoint,
-              quant_config=quant_config, trust_config=trust_config, drop_aph_cache=drop_aph_cache)
+              quant_config=quant_config, trust_config=trust_config, keep_aph_cache=keep_aph_cache)
 
 
 @app.command("export")

@@ -31,7 +31,7 @@ from aphq_cli.models.surgery import apply_mlp_recon
 from aphq_cli.models.zoo import CONFIG_DIR, builtin_models, default_data_dir, load_config, load_model, resolve_model
 from aphq_cli.quant.modules import load_quant_state, quant_state
 from aphq_cli.quant.wrap import apply_plan, plan_from_map
-from aphq_cli.tensorcache import TensorCache
+from aphq_cli.tensorcache import SharedUse, TensorCache
 
 # Bumps when the estimate itself changes, so older cached estimates are not reused.
 APH_VERSION = 2  # 2: the box term averages over every element of a level (method.md §4)
@@ -126,6 +126,16 @@ def writes_run(stage_fn):
             finally:
                 _SCOPES.pop()
     return locked
+
+
+def used_by_the_stage(cache: TensorCache) -> SharedUse:
+    """``cache`` in shared use until the running :func:`writes_run` stage returns.
+
+    Outside a stage nothing is held (so nothing leaks); the result's drops still
+    leave the cache alone while another process uses it.
+    """
+    use = SharedUse(cache)
+    return _SCOPES[-1][0].enter_context(use) if _SCOPES else use
 
 
 def stage_path(run: Path, stage: str) -> Path:

@@ -11,7 +11,9 @@ therefore never taken as complete: it is filled again.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -90,3 +92,53 @@ class TensorCache:
         for marker in ([self.root / entry / "DONE"] if entry else sorted(self.root.glob("**/DONE"))):
             marker.unlink(missing_ok=True)
         shutil.rmtree(self.root / entry, ignore_errors=True)
+
+
+class SharedUse:
+    """A context in which this process reads ``cache``, which other processes (runs) may read too.
+
+    While it is held, a shared ``flock`` on a file beside the cache folder (not
+    in it: dropping the whole cache removes the folder) tells other processes
+    the cache is in use, and :meth:`drop` removes an entry only when no other
+    process holds one: a run never deletes what another run is reading. A
+    reader that starts during a drop waits for it to end, then finds the entry
+    incomplete and fills it again. The OS releases the lock when a process
+    dies. Under torchrun rank 0 holds it for the job (the other ranks read
+    between the same barriers), so only rank 0 drops.
+    """
+
+    def __init__(self, cache: TensorCache) -> None:
+        self.cache = cache
+        self.lock = cache.root.parent / f".{cache.root.name}.users"
+        self._fd: int | None = None
+
+    def __enter__(self) -> "SharedUse":
+        if distributed.is_main():
+            self._fd = self._open()
+            fcntl.flock(self._fd, fcntl.LOCK_SH)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the lock
+            self._fd = None
+
+    def _open(self) -> int:
+        self.lock.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(self.lock, os.O_RDWR | os.O_CREAT, 0o644)
+
+    def drop(self, entry: str) -> bool:
+        """Remove ``entry`` (``""``: the whole cache) unless another process uses the cache; whether it did."""
+        fd = self._fd if self._fd is not None else self._open()
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held by this process alone
+            except BlockingIOError:
+                return False
+            self.cache.drop(entry)
+            return True
+        finally:
+            if fd == self._fd:
+                fcntl.flock(fd, fcntl.LOCK_SH)  # back to reading
+            else:
+                os.close(fd)

@@ -201,8 +201,11 @@ def bench_model(b: Bench, model: str) -> None:
                 else:
                     shutil.copytree(calib_run, run, ignore=shutil.ignore_patterns("eval", "eval.json"))
                 qc = seed_config(run, seed, args.recon_set)
+                # The seeds and bit-widths of a model share its APH estimates (made once, as before the
+                # stage removed them by default).
                 b.aphq(model, f"{tag} reconstruct {method} (stage)", "reconstruct", "--run", str(run), "--loss", loss,
-                       "--quant-config", str(qc), *recon_opts, *dev, artifact=run / "reconstruct.safetensors")
+                       "--quant-config", str(qc), "--keep-aph-cache", *recon_opts, *dev,
+                       artifact=run / "reconstruct.safetensors")
                 b.aphq(model, f"{tag} {method}", "eval", "--run", str(run), *dev, *lim, json_out=run / "eval.json")
     if args.export:
         bits, methods = grid[0]
@@ -221,7 +224,7 @@ def bench_model(b: Bench, model: str) -> None:
             run = base / f"scale-i{images}-n{iters}"
             shutil.copytree(calib_run, run, ignore=shutil.ignore_patterns("eval", "eval.json"))
             b.aphq(model, f"scaling: reconstruct aph, {images} images x {iters} iters", "reconstruct", "--run",
-                   str(run), "--loss", "aph", "--images", str(images), "--iters", str(iters), *dev,
+                   str(run), "--loss", "aph", "--images", str(images), "--iters", str(iters), "--keep-aph-cache", *dev,
                    artifact=run / "reconstruct.safetensors")
 
 

@@ -334,25 +334,25 @@ def disk_table() -> list[str]:
              "Planned by the stages' own disk planners (`aphq_cli/diskplan.py`, exact per file) from a shape-only "
              "pass; no weights or images needed. The APH cache is float16; the unit cache float32 (default) or "
              "float16 (`cache_dtype`). reconstruct's two caches on one disk, with the APH maps made beforehand (by "
-             "mlp-recon): the unit cache peaks at the FPN (its inputs are the largest entries) while every APH map "
-             "is still on disk; with `--drop-aph-cache` each unit's maps go once it is done, and the two together "
-             "peak at the first Swin block, below the sum of their peaks. mlp-recon holds "
+             "mlp-recon): each unit's APH maps go once it is done (the default), and the two together peak at the "
+             "first Swin block, below the sum of their peaks; with `--keep-aph-cache` every APH map is still on "
+             "disk when the unit cache peaks at the FPN (its inputs are the largest entries). mlp-recon holds "
              "the APH cache and its MLP cache (float32), one block's entry at a time: made just before the block "
              "trains, removed after it (every block's with `--keep-cache`, in brackets). With `--heads` (beyond "
              "the paper) the head units make the FPN's outputs from the neck's inputs, which stay on disk until the "
              "end; their own entries (the float model's RoIs, each head's outputs) are planned at the most RoIs "
              "the test configs allow (1000 proposals, 100 detections per image).",
              "", "| model | units | APH (float16) | unit cache peak, float32 / float16 | reconstruct, both caches, "
-             "float32 / float16 | the same with `--drop-aph-cache` | unit cache peak with `--heads`, "
+             "float32 / float16 | the same with `--keep-aph-cache` | unit cache peak with `--heads`, "
              "float32 / float16 | mlp-recon MLP cache (kept) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for model in PAPER_MODELS:
         d = published_disk(model)
         gb = {k: v / 1e9 for k, v in d.items()}
         lines.append(f"| {model} | {d['units']} | {gb['aph']:.1f} GB | {gb['unit cache float32']:.1f} / "
-                     f"{gb['unit cache float16']:.1f} GB | {gb['both float32 aph kept']:.1f} / "
-                     f"{gb['both float16 aph kept']:.1f} GB | {gb['both float32 aph dropped']:.1f} / "
-                     f"{gb['both float16 aph dropped']:.1f} GB | {gb['unit cache float32 heads']:.1f} / "
+                     f"{gb['unit cache float16']:.1f} GB | {gb['both float32 aph dropped']:.1f} / "
+                     f"{gb['both float16 aph dropped']:.1f} GB | {gb['both float32 aph kept']:.1f} / "
+                     f"{gb['both float16 aph kept']:.1f} GB | {gb['unit cache float32 heads']:.1f} / "
                      f"{gb['unit cache float16 heads']:.1f} GB | {gb['mlp cache']:.1f} "
                      f"({gb['mlp cache kept']:.1f}) GB |")
     return lines

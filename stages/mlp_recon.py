@@ -32,7 +32,7 @@ from aphq_cli.models.plan import RPN_TASK
 from aphq_cli.models.swin import SwinBlock
 from aphq_cli.quant.aph import ensure_block_aph
 from aphq_cli.quant.primitives import row_quantile
-from aphq_cli.runs import ModelSource, aph_cache, writes_run
+from aphq_cli.runs import ModelSource, aph_cache, used_by_the_stage, writes_run
 from aphq_cli.settings import resolve_settings, with_arguments
 from aphq_cli.stage import StageResult, StageSpec, open_stage
 from aphq_cli.tensorcache import TensorCache
@@ -246,6 +246,7 @@ def mlp_recon(*, model: str, run: Path, iters: int | None = None, images: int | 
     header = StageRecord(**stage.header(), mlp_recon=asdict(config), quant_config=stage.quant_config)
     plans = disk_plans(detector, [n for n, _ in blocks], images, io_cache, aph, stage.cache_key, keep_cache)
     check_free_space(STAGE, [("MLP cache", plans["mlp_cache"]), ("APH cache", plans["aph_cache"])], free_space)
+    used_by_the_stage(aph)  # from here on no other run's reconstruct removes the estimates while this one reads them
 
     # Under torchrun every rank computes its share of the APH estimates; rank 0 alone caches the MLP
     # inputs and trains. The detector stays float throughout (each block trains a copy of its MLP), so

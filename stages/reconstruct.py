@@ -41,10 +41,10 @@ from aphq_cli.quant.headloss import normalized_sum
 from aphq_cli.quant.modules import QuantConv2d, QuantLinear, Quantizer
 from aphq_cli.quant.wrap import quantization_map
 from aphq_cli.runs import (aph_cache, check_fresh, load_stage, quantized_tensors, read_stage, recorded_source,
-                           stage_path, writes_run)
+                           stage_path, used_by_the_stage, writes_run)
 from aphq_cli.settings import resolve_settings, with_arguments
 from aphq_cli.stage import StageResult, StageSpec, open_stage
-from aphq_cli.tensorcache import TensorCache
+from aphq_cli.tensorcache import SharedUse, TensorCache
 
 STAGE = "reconstruct"
 # 2: targets, float inputs and APH come from the original float model (not the mlp-recon one);
@@ -526,7 +526,7 @@ def reconstruct(*, run: Path, loss: str | None = None, iters: int | None = None,
                 calib_split: str | None = None, heads: bool | None = None,
                 device: str = "cpu", force: bool = False, trust_checkpoint: bool = False,
                 settings: dict | None = None, quant_config: str | Path | None = None,
-                trust_config: bool = False, drop_aph_cache: bool = False, progress=None,
+                trust_config: bool = False, keep_aph_cache: bool = False, progress=None,
                 free_space=None) -> StageResult:
     """Reconstruct the calibrated model of ``run`` into ``run/reconstruct.safetensors``.
 
@@ -536,9 +536,11 @@ def reconstruct(*, run: Path, loss: str | None = None, iters: int | None = None,
     Args:
         heads: also reconstruct the RPN, box and mask heads (``--heads``; beyond the paper).
         trust_config: read the model config file the run's header names (it is Python).
-        drop_aph_cache: remove this run's entry of the shared APH cache, reconstruct being the
-            last stage that reads it: each unit's maps once the unit is done (so the two caches'
-            joint peak is lower: docs/scale.md), the rest once the artifact is written (or found current).
+        keep_aph_cache: keep this run's entry of the shared APH cache for later runs on the same
+            checkpoint and images (``--keep-aph-cache``). By default reconstruct, the last stage that
+            reads it, removes it: each unit's maps once the unit is done (so the two caches' joint
+            peak is lower: docs/scale.md), the rest once the artifact is written (or found current);
+            not while another process (run) uses the entry.
         progress: optional callable ``(description, done, total)``.
         free_space: ``path -> free bytes`` instead of the filesystem's (tests).
     """
@@ -569,8 +571,8 @@ def reconstruct(*, run: Path, loss: str | None = None, iters: int | None = None,
         images=lambda source, config: source.calibration_dataset(config.calib_split, limit=config.images))
     made = calibrated()[1]
     if stage.current:
-        if drop_aph_cache and distributed.is_main():
-            _drop_aph(aph_cache(stage.source, stage.dataset, stage.config.delta), report=progress)
+        if not keep_aph_cache and distributed.is_main():
+            _drop_aph(used_by_the_stage(aph_cache(stage.source, stage.dataset, stage.config.delta)), progress)
         return stage.reused()
     source, config, dataset, inputs = stage.source, stage.config, stage.dataset, stage.inputs
     detector, _, _ = load_stage(run, "calibrate", dev, trust_checkpoint=trust_checkpoint,
@@ -605,10 +607,11 @@ def reconstruct(*, run: Path, loss: str | None = None, iters: int | None = None,
     caches = UnitCaches(cache, source.images(dataset, dev), dev, heads={k: h.key for k, h in by_index.items()})
     planned = [name for k, (name, _) in enumerate(units) if k not in by_index]
     plans = disk_plans(fp, planned, caches.imgs, config.loss, cache, aph, stage.cache_key,
-                       CACHE_DTYPES[config.cache_dtype].itemsize, drop_aph=drop_aph_cache,
+                       CACHE_DTYPES[config.cache_dtype].itemsize, drop_aph=not keep_aph_cache,
                        heads=[h.name for h in heads])
     check_free_space(STAGE, [("reconstruct unit cache", plans["unit_cache"]), ("APH cache", plans["aph_cache"])],
                      free_space, together=plans["both"])
+    aph_use = used_by_the_stage(aph)  # from here on no other run removes the estimates while this one reads them
     if main:
         write_plan(blocks.parent / "disk_plan.json", plans, len(dataset))
     for k, (name, unit) in enumerate(units):
@@ -639,16 +642,16 @@ def reconstruct(*, run: Path, loss: str | None = None, iters: int | None = None,
         distributed.barrier()  # nobody still reads what release() deletes
         if main:
             caches.release(k)
-            if drop_aph_cache:  # this unit's APH maps (if it has any): nothing reads them again
-                aph.drop(name)
+            if not keep_aph_cache:  # this unit's APH maps (if it has any): this run reads them no more
+                aph_use.drop(name)
     distributed.barrier()
     if not main:
         return StageResult(stage.out, False)
     cache.drop("")
     result = stage.save(quantized_tensors(detector, before),
                         header.with_fields(quantization_map=quantization_map(detector)).to_dict())
-    if drop_aph_cache:
-        _drop_aph(aph, report)
+    if not keep_aph_cache:
+        _drop_aph(aph_use, report)
     return result
 
 
@@ -690,12 +693,17 @@ def head_plan_of(fp: nn.Module, ios: list[dict], heads: list[str], key: str, ite
     return HeadPlan(records, targets)
 
 
-def _drop_aph(aph: TensorCache, report=None) -> None:
-    """Remove one APH cache entry folder (this run's images, checkpoint and delta), saying how much it freed."""
-    freed = folder_bytes(aph.root)
-    aph.drop("")
-    if report is not None:
-        report(f"removed APH cache {aph.root} ({gib(freed)})", 1, 1)
+def _drop_aph(aph: SharedUse, report=None) -> None:
+    """Remove one APH cache entry folder (this run's images, checkpoint and delta), saying how much it freed.
+
+    Not while another process uses it: then it says so, and the entry stays.
+    """
+    root = aph.cache.root
+    freed = folder_bytes(root)
+    dropped = aph.drop("")
+    if report is not None and freed:
+        report(f"removed APH cache {root} ({gib(freed)})" if dropped
+               else f"kept APH cache {root} ({gib(freed)}): another run is using it", 1, 1)
 
 
 def _load_unit(unit: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> None:

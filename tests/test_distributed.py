@@ -60,7 +60,7 @@ def test_two_process_aph_equals_one_process(synth_dir, random_tiny_checkpoint, t
     calibrate(model="tiny-mask-rcnn", run=run, checkpoint=random_tiny_checkpoint, data=synth_dir, calib_images=1,
               settings={"eq_n": 16, "matmul_eq_n": 4, "search_round": 1, "max_windows": 8})
     twin = shutil.copytree(run, tmp_path / "two")
-    args = ["--loss", "aph", "--iters", "2", "--images", "3", "--heads"]  # the head units too (#18)
+    args = ["--loss", "aph", "--iters", "2", "--images", "3", "--heads", "--keep-aph-cache"]  # the heads too (#18)
     env = dict(os.environ, APHQ_CACHE=str(tmp_path / "cache-two"))
     # "-r": torchrun would take "--run" for a prefix of its own "--run-path".
     _torchrun(["reconstruct", "-r", str(twin), *args], env)

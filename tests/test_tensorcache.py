@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from aphq_cli import tensorcache
-from aphq_cli.tensorcache import TensorCache
+from aphq_cli.tensorcache import SharedUse, TensorCache
 
 
 @pytest.mark.parametrize("entry", ["aph/a", ""])
@@ -18,3 +18,16 @@ def test_a_drop_cut_short_leaves_no_complete_entry(tmp_path, monkeypatch, entry)
     cache.drop(entry)
     assert not cache.complete("aph/a", 2)
     assert cache.complete("aph/b", 2) == (entry != "")
+
+
+def test_an_entry_another_reader_uses_is_not_dropped(tmp_path):
+    """SharedUse: a run removes a shared cache's entry only when no other process (its own lock) reads it."""
+    cache = TensorCache(tmp_path / "aph" / "k")
+    cache.put("a", 0, {"aph": torch.ones(2)})
+    cache.finish("a", 1)
+    with SharedUse(cache) as mine:
+        with SharedUse(cache):  # another reader: a lock of its own, as another run's stage holds
+            assert not mine.drop("a") and cache.complete("a", 1)
+        assert mine.drop("a") and not cache.complete("a", 1)
+        assert not (tmp_path / "aph" / "k" / "a").exists()
+    assert SharedUse(cache).drop("") and not cache.root.exists()  # not held: the drop only checks

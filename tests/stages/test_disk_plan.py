@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 from aphq_cli.cli import app
 from aphq_cli.diskplan import folder_bytes
 from aphq_cli.errors import AphqError
+from aphq_cli.tensorcache import SharedUse, TensorCache
 from stages.mlp_recon import mlp_recon
 from stages.reconstruct import reconstruct
 from tests.stages.conftest import FAST_CALIB
@@ -47,27 +48,31 @@ def check_reconstruct_plan(run, cache_root, seen, images):
     return plan
 
 
-def test_reconstruct_writes_what_it_predicted_and_drops_the_aph_cache_on_request(calibrated, tmp_path):
+def test_reconstruct_writes_what_it_predicted_and_removes_the_aph_cache_unless_kept(calibrated, tmp_path):
     report, seen = peak_meter(calibrated / "reconstruct" / "cache")
-    reconstruct(run=calibrated, loss="aph", settings={"iters": 1, "images": 2}, progress=report)
+    reconstruct(run=calibrated, loss="aph", settings={"iters": 1, "images": 2}, progress=report, keep_aph_cache=True)
     plan = check_reconstruct_plan(calibrated, tmp_path / "cache", seen, 2)
-    # The flag on the finished run (a cache hit) removes this run's APH entry and nothing else.
+    # Without --keep-aph-cache the finished run (a cache hit) removes this run's APH entry and nothing else,
+    # but not while another process uses it (a shared lock beside it, as another run's stage holds).
+    mine = tmp_path / "cache" / "aph" / plan["aph_cache"]["folder"].rsplit("/", 1)[1]
     other = tmp_path / "cache" / "aph" / "other"
     other.mkdir()
-    result = CliRunner().invoke(app, ["reconstruct", "--run", str(calibrated), "--iters", "1", "--images", "2",
-                                      "--drop-aph-cache"])
+    argv = ["reconstruct", "--run", str(calibrated), "--iters", "1", "--images", "2"]
+    with SharedUse(TensorCache(mine)):
+        result = CliRunner().invoke(app, argv)
+    assert result.exit_code == 0, result.output
+    assert "is current" in result.output and "another run is using it" in result.output and mine.is_dir()
+    result = CliRunner().invoke(app, argv)
     assert result.exit_code == 0, result.output
     assert "is current" in result.output and "removed APH cache" in result.output
-    assert not (tmp_path / "cache" / "aph" / plan["aph_cache"]["folder"].rsplit("/", 1)[1]).exists()
-    assert other.is_dir()
+    assert not mine.exists() and other.is_dir()
 
 
-def test_with_drop_aph_cache_each_units_maps_go_once_it_is_done(calibrated, tmp_path):
+def test_each_units_aph_maps_go_once_it_is_done(calibrated, tmp_path):
     """The two caches together hold what the joint plan says, less than the sum of their peaks."""
     aph_root = tmp_path / "cache" / "aph"
     report, seen = peak_meter(calibrated / "reconstruct" / "cache", aph_root)
-    reconstruct(run=calibrated, loss="aph", settings={"iters": 1, "images": 2}, progress=report,
-                drop_aph_cache=True)
+    reconstruct(run=calibrated, loss="aph", settings={"iters": 1, "images": 2}, progress=report)
     plan = json.loads((calibrated / "reconstruct" / "disk_plan.json").read_text())
     assert plan["both"]["peak_bytes"] == seen["both"] > 0
     assert plan["both"]["peak_bytes"] < plan["unit_cache"]["peak_bytes"] + plan["aph_cache"]["peak_bytes"]
@@ -173,7 +178,8 @@ def test_full_size_swin_t_writes_what_it_predicted(swin_t_at_320x224, tmp_path, 
     assert result.exit_code == 0, result.output
     report, seen = peak_meter(run / "reconstruct" / "cache")
     # One image: the layout is the paper's either way, and each image costs a float and APH pass per unit.
-    reconstruct(run=run, loss="aph", settings={"iters": 1, "images": 1}, trust_config=True, progress=report)
+    reconstruct(run=run, loss="aph", settings={"iters": 1, "images": 1}, trust_config=True, progress=report,
+                keep_aph_cache=True)
     plan = check_reconstruct_plan(run, tmp_path / "cache", seen, 1)
     # 12 Swin blocks, 3 patch mergings and the patch embedding carry APH; the neck does not.
     assert len(plan["aph_cache"]["entry_bytes"]) == 16
