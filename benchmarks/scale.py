@@ -28,6 +28,7 @@ is passed to later stages); the architecture is the same.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -43,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script: the package from this checkout
 
 import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from aphq_cli.data.synth import CLASSES, SynthSpec, generate  # noqa: E402
 from benchmarks.run import kept_reading  # noqa: E402
@@ -327,6 +329,83 @@ def published_disk(model: str, images: int = PUBLISHED["images"], size: tuple[in
     return found
 
 
+def unit_flops(model: str, size: tuple[int, int] = COCO_CANVAS) -> dict[str, dict[str, float]]:
+    """FLOPs of one reconstruction iteration of every unit of ``model`` at ``size`` (and of each block's MLP).
+
+    Each unit (and MLP) alone, fed the inputs a shape-only float pass gave it:
+    one forward and one backward pass with gradients for its weights (as its
+    rounding variables need) and none for its input, as in an iteration,
+    counted by :class:`torch.utils.flop_counter.FlopCounterMode`: matrix
+    products and convolutions only (the quantizers' elementwise work is not
+    counted). On the meta device: seconds, no weights or images.
+
+    Returns:
+        ``{unit name: {"unit": flops, "mlp": flops of its MLP (blocks only)}}``.
+    """
+    fp = build_model(load_config(resolve_model(model)))
+    meta = copy.deepcopy(fp).to("meta")
+    names = [name for name, _ in units_of(fp)]
+    targets = names + [f"{n}.mlp" for n in names if ".blocks." in n]
+    inputs: dict[str, tuple] = {}
+
+    def detached(value):
+        if isinstance(value, torch.Tensor):
+            return value.detach()
+        return type(value)(detached(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+    def keep(name: str):
+        def hook(module, args, kwargs, out) -> None:  # returns nothing: the output stays
+            inputs.setdefault(name, (detached(args), detached(kwargs)))
+        return hook
+
+    handles = [meta.get_submodule(name).register_forward_hook(keep(name), with_kwargs=True) for name in targets]
+    try:
+        with torch.no_grad():
+            meta.extract_feat(torch.empty(1, 3, size[1], size[0], device="meta"))
+    finally:
+        for h in handles:
+            h.remove()
+
+    def flops(name: str) -> float:
+        args, kwargs = inputs[name]
+        with FlopCounterMode(display=False) as counter:
+            out = meta.get_submodule(name)(*args, **kwargs)
+            outs = out if isinstance(out, (list, tuple)) else [out]
+            sum(o.sum() for o in outs if isinstance(o, torch.Tensor) and o.requires_grad).backward()
+        return counter.get_total_flops()
+    return {name: {"unit": flops(name)} | ({"mlp": flops(f"{name}.mlp")} if ".blocks." in name else {})
+            for name in names}
+
+
+def flops_table() -> list[str]:
+    """Markdown: GFLOPs per iteration per unit kind, and the published schedule's total, for the four models."""
+    iters = PUBLISHED["iters"]
+    lines = ["### FLOPs per iteration, for a GPU's arithmetic", "",
+             f"Counted at {COCO_CANVAS[0]}x{COCO_CANVAS[1]} by `torch.utils.flop_counter` (`unit_flops` in this script): one "
+             "forward and backward pass of the unit alone (gradients for its weights, none for its input), matrix "
+             "products and convolutions only (the fake quantizers add elementwise work on top). The schedule's total is every unit's iterations (reconstruct: "
+             f"{iters} per unit) and, for mlp-recon, every block's MLP's ({iters} per block). A GPU's hours for "
+             "the iterations are about that total divided by the FLOP rate it sustains on these shapes: at 10 "
+             "TFLOP/s sustained, 1 PFLOP is 100 s (arithmetic, not a measurement).", "",
+             "| model | unit kind | units | GFLOP / iteration | MLP GFLOP / iteration (mlp-recon) |",
+             "|---|---|---:|---:|---:|"]
+    totals = []
+    for model in PAPER_MODELS:
+        found = unit_flops(model)
+        kinds: dict[str, list[dict[str, float]]] = {}
+        for name, f in found.items():
+            kinds.setdefault(unit_kind(f"unit 1/1 {name}"), []).append(f)
+        for kind, fs in kinds.items():
+            mlp = f"{sum(f['mlp'] for f in fs) / len(fs) / 1e9:.1f}" if "mlp" in fs[0] else "-"
+            lines.append(f"| {model} | {kind} | {len(fs)} | {sum(f['unit'] for f in fs) / len(fs) / 1e9:.1f} | "
+                         f"{mlp} |")
+        recon = sum(f["unit"] for f in found.values()) * iters / 1e15
+        mlp = sum(f.get("mlp", 0) for f in found.values()) * iters / 1e15
+        totals.append(f"| {model} | {recon:.0f} PFLOP | {mlp:.0f} PFLOP |")
+    return lines + ["", "| model | reconstruct iterations, published schedule | mlp-recon iterations |",
+                    "|---|---:|---:|", *totals]
+
+
 def disk_table() -> list[str]:
     """Markdown: the published schedule's caches for the paper's four models."""
     w, h = COCO_CANVAS
@@ -469,7 +548,7 @@ def write_markdown(args, steps: list[Step], commands: list[str]) -> str:
             aph = f"{sum(k['aph']) / len(k['aph']):.3g}" if k["aph"] else "-"
             lines.append(f"| {s.model} | {s.images} | {kind} | {k['units']} | {sum(k['it']) / len(k['it']):.3g} | {aph} |")
     lines += ["", *schedule_table(steps)]
-    lines += ["", *disk_table()]
+    lines += ["", *disk_table(), "", *flops_table()]
     lines += ["", "## Commands", "", "```bash", *commands, "```", ""]
     return "\n".join(lines)
 
@@ -492,12 +571,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="keep the rows and commands of an earlier run in --out (its .json) of other models, "
                          "or of these models at other image counts")
     ap.add_argument("--disk-only", action="store_true",
-                    help="only plan the published schedule's disk for the four models (seconds; no stage runs)")
+                    help="only plan the published schedule's disk and count its FLOPs for the four models "
+                         "(seconds; no stage runs)")
     args = ap.parse_args(argv)
     command = "$ .venv/bin/python benchmarks/scale.py " + " ".join(sys.argv[1:] if argv is None else argv)
     reading = kept_reading(args.out)  # the hand-written "## Reading" at the end stays
     if args.disk_only:
-        section = "\n".join([*disk_table(), "", "```bash", command, "```", "", ""])
+        section = "\n".join([*disk_table(), "", *flops_table(), "", "```bash", command, "```", "", ""])
         args.out.write_text(with_disk_section(args.out.read_text() if args.out.exists() else "", section, reading))
         print(args.out)
         return 0

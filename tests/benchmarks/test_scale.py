@@ -1,9 +1,9 @@
-"""benchmarks/scale.py --merge: what an earlier run leaves in the page."""
+"""benchmarks/scale.py: what --merge keeps of an earlier run, the published schedule's pricing, the FLOP count."""
 
 import json
 from dataclasses import asdict
 
-from benchmarks.scale import Step, coco_data, earlier_run, schedule_table
+from benchmarks.scale import Step, coco_data, earlier_run, schedule_table, unit_flops
 
 
 def step(model: str, stage: str) -> Step:
@@ -74,3 +74,19 @@ def test_a_data_folder_with_too_few_images_is_made_again(tmp_path):
     assert coco_data(tmp_path / "coco", (96, 96), 1, 1) == folder and count(folder, "train") == 1
     coco_data(tmp_path / "coco", (96, 96), 3, 1)
     assert count(folder, "train") == 3 and len(list((folder / "train2017").iterdir())) == 3
+
+
+def test_a_units_flops_are_the_hand_count():
+    """#19's GPU arithmetic: a Swin-T block's MLP at 320x224 (80x56 tokens of dim 96), counted by hand.
+
+    fc1 (d -> 4d) and fc2 (4d -> d) each take 2 T 4d^2 FLOPs forward; backward
+    computes both weight gradients and fc2's input gradient (the MLP's own
+    input needs none): 16 + 8 + 8 + 8 = 40 T d^2.
+    """
+    found = unit_flops("mask-rcnn-swin-t", (320, 224))
+    tokens, dim = 80 * 56, 96
+    block = found["backbone.layers.0.blocks.0"]
+    assert block["mlp"] == 40 * tokens * dim ** 2
+    # The block adds at least qkv and proj (d -> 3d, d -> d) forward and their weight gradients: 16 T d^2.
+    assert block["unit"] > block["mlp"] + 16 * tokens * dim ** 2
+    assert "mlp" not in found["neck"] and found["neck"]["unit"] > 0
