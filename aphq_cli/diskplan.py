@@ -226,9 +226,9 @@ def joint_plan(unit: CachePlan, aph: CachePlan, units: list[str], ios: list[dict
 
 
 def aph_plan(folder: Path, names: list[str], ios: list[dict[str, dict]],
-             complete: dict[str, int] | None = None) -> CachePlan:
-    """The shared APH cache (float16, one ``aph`` map per image and unit output, kept across runs)."""
-    entries = {name: entry_bytes([{"aph": io[name]["out"][0]} for io in ios], 2, "") for name in names}
+             complete: dict[str, int] | None = None, itemsize: int = 2) -> CachePlan:
+    """The shared APH cache (float16 unless ``itemsize`` says otherwise; one ``aph`` map per image and unit output)."""
+    entries = {name: entry_bytes([{"aph": io[name]["out"][0]} for io in ios], itemsize, "") for name in names}
     present = {k: v for k, v in (complete or {}).items() if k in entries}
     return CachePlan(str(folder), sum(entries.values()), entries, sum(present.values()))
 

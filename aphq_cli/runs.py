@@ -362,14 +362,16 @@ class ImageSequence:
         return self.dataset[index]["img"][0].unsqueeze(0).to(self.device)
 
 
-def aph_cache(source: ModelSource, dataset, delta: float):
+def aph_cache(source: ModelSource, dataset, delta: float, dtype: torch.dtype = torch.float16):
     """The shared APH cache of (checkpoint, images, delta): original float-model estimates.
 
     mlp-recon and reconstruct both weigh by the APH of the original (GELU)
-    model, so one estimate serves every run on the same images.
+    model, so one estimate serves every run on the same images. Stored in
+    float16 (half the disk); another ``dtype`` is another entry.
     """
-    key = sha256_json(source.fingerprints(dataset) | {"delta": delta, "aph": APH_VERSION})[:16]
-    return TensorCache(default_cache_root() / "aph" / key, dtype=torch.float16)
+    stored = {} if dtype == torch.float16 else {"dtype": str(dtype)}  # float16 entries keep their folder
+    key = sha256_json(source.fingerprints(dataset) | {"delta": delta, "aph": APH_VERSION} | stored)[:16]
+    return TensorCache(default_cache_root() / "aph" / key, dtype=dtype)
 
 
 def newest_stage(run: Path) -> str:

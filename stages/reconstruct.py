@@ -78,6 +78,7 @@ class ReconstructConfig:
     # their rounding (as relative gains, cosine decay); 0 keeps the calibrated scales, as AdaRound does.
     head_w_scale_lr: float = 0.0
     cache_dtype: str = "float32"  # the unit cache's floats: "float16" halves its disk (issue #19)
+    aph_dtype: str = "float16"  # the APH cache's floats: float16 is half the disk of float32 (issue #19)
     version: int = field(default=CONFIG_VERSION)
 
     def __post_init__(self) -> None:
@@ -103,8 +104,9 @@ class ReconstructConfig:
                             f"got {self.head_kinds!r}")
         if self.head_loss not in HEAD_LOSSES:
             raise AphqError(f"head_loss must be one of {', '.join(HEAD_LOSSES)}, got {self.head_loss!r}")
-        if self.cache_dtype not in CACHE_DTYPES:
-            raise AphqError(f"cache_dtype must be one of {', '.join(CACHE_DTYPES)}, got {self.cache_dtype!r}")
+        for name in ("cache_dtype", "aph_dtype"):
+            if getattr(self, name) not in CACHE_DTYPES:
+                raise AphqError(f"{name} must be one of {', '.join(CACHE_DTYPES)}, got {getattr(self, name)!r}")
         if self.qdrop_scope not in QDROP_SCOPES:
             raise AphqError(f"qdrop_scope must be one of {', '.join(QDROP_SCOPES)}, got {self.qdrop_scope!r}")
 
@@ -572,7 +574,8 @@ def reconstruct(*, run: Path, loss: str | None = None, iters: int | None = None,
     made = calibrated()[1]
     if stage.current:
         if not keep_aph_cache and distributed.is_main():
-            _drop_aph(used_by_the_stage(aph_cache(stage.source, stage.dataset, stage.config.delta)), progress)
+            _drop_aph(used_by_the_stage(aph_cache(stage.source, stage.dataset, stage.config.delta,
+                                                  CACHE_DTYPES[stage.config.aph_dtype])), progress)
         return stage.reused()
     source, config, dataset, inputs = stage.source, stage.config, stage.dataset, stage.inputs
     detector, _, _ = load_stage(run, "calibrate", dev, trust_checkpoint=trust_checkpoint,
@@ -591,7 +594,8 @@ def reconstruct(*, run: Path, loss: str | None = None, iters: int | None = None,
     if force and main:
         cache.drop("")
     distributed.barrier()
-    aph = aph_cache(source, dataset, config.delta)  # the same estimates mlp-recon uses
+    # mlp-recon's estimates (it stores float16; another aph_dtype is an entry of its own).
+    aph = aph_cache(source, dataset, config.delta, CACHE_DTYPES[config.aph_dtype])
     # The calibrate settings (bit-widths) carry over; images are reconstruct's own.
     header = made.with_fields(**stage.header(), reconstruct=asdict(config),
                               reconstruct_quant_config=stage.quant_config)
@@ -673,7 +677,7 @@ def disk_plans(fp: nn.Module, names: list[str], images, loss: str, cache: Tensor
     complete = complete_entries(cache, unit_names + ["rec"], count)
     aph_complete = complete_entries(aph, backbone, count)
     unit = reconstruct_plan(cache.root, names, ios, key, loss, complete, itemsize, head_plan)
-    maps = aph_plan(aph.root, backbone, ios, aph_complete)
+    maps = aph_plan(aph.root, backbone, ios, aph_complete, aph.dtype.itemsize)
     both = joint_plan(unit, maps, names, ios, key, loss, itemsize, drop_aph, complete, aph_complete, head_plan)
     return {"unit_cache": unit, "aph_cache": maps, "both": both}
 

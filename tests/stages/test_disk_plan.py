@@ -69,10 +69,14 @@ def test_reconstruct_writes_what_it_predicted_and_removes_the_aph_cache_unless_k
 
 
 def test_each_units_aph_maps_go_once_it_is_done(calibrated, tmp_path):
-    """The two caches together hold what the joint plan says, less than the sum of their peaks."""
+    """The two caches together hold what the joint plan says, less than the sum of their peaks
+    (with the APH maps in float32 here, twice the bytes of the default's)."""
+    with pytest.raises(AphqError, match="aph_dtype must be one of float32, float16, got 'bfloat16'"):
+        reconstruct(run=calibrated, settings={"aph_dtype": "bfloat16"})
     aph_root = tmp_path / "cache" / "aph"
     report, seen = peak_meter(calibrated / "reconstruct" / "cache", aph_root)
-    reconstruct(run=calibrated, loss="aph", settings={"iters": 1, "images": 2}, progress=report)
+    reconstruct(run=calibrated, loss="aph", settings={"iters": 1, "images": 2, "aph_dtype": "float32"},
+                progress=report)
     plan = json.loads((calibrated / "reconstruct" / "disk_plan.json").read_text())
     assert plan["both"]["peak_bytes"] == seen["both"] > 0
     assert plan["both"]["peak_bytes"] < plan["unit_cache"]["peak_bytes"] + plan["aph_cache"]["peak_bytes"]
