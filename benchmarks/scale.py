@@ -28,7 +28,6 @@ is passed to later stages); the architecture is the same.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
@@ -342,9 +341,8 @@ def unit_flops(model: str, size: tuple[int, int] = COCO_CANVAS) -> dict[str, dic
     Returns:
         ``{unit name: {"unit": flops, "mlp": flops of its MLP (blocks only)}}``.
     """
-    fp = build_model(load_config(resolve_model(model)))
-    meta = copy.deepcopy(fp).to("meta")
-    names = [name for name, _ in units_of(fp)]
+    meta = build_model(load_config(resolve_model(model))).to("meta")  # only shapes are needed: no copy kept
+    names = [name for name, _ in units_of(meta)]
     targets = names + [f"{n}.mlp" for n in names if ".blocks." in n]
     inputs: dict[str, tuple] = {}
 
@@ -381,12 +379,13 @@ def flops_table() -> list[str]:
     """Markdown: GFLOPs per iteration per unit kind, and the published schedule's total, for the four models."""
     iters = PUBLISHED["iters"]
     lines = ["### FLOPs per iteration, for a GPU's arithmetic", "",
-             f"Counted at {COCO_CANVAS[0]}x{COCO_CANVAS[1]} by `torch.utils.flop_counter` (`unit_flops` in this script): one "
-             "forward and backward pass of the unit alone (gradients for its weights, none for its input), matrix "
-             "products and convolutions only (the fake quantizers add elementwise work on top). The schedule's total is every unit's iterations (reconstruct: "
-             f"{iters} per unit) and, for mlp-recon, every block's MLP's ({iters} per block). A GPU's hours for "
-             "the iterations are about that total divided by the FLOP rate it sustains on these shapes: at 10 "
-             "TFLOP/s sustained, 1 PFLOP is 100 s (arithmetic, not a measurement).", "",
+             f"Counted at {COCO_CANVAS[0]}x{COCO_CANVAS[1]} by `torch.utils.flop_counter` (`unit_flops` in this "
+             "script): one forward and backward pass of the unit alone (gradients for its weights, none for its "
+             "input), matrix products and convolutions only (the fake quantizers add elementwise work on top). "
+             f"The schedule's total is every unit's iterations (reconstruct: {iters} per unit) and, for "
+             f"mlp-recon, every block's MLP's ({iters} per block). A GPU's hours for the iterations are about "
+             "that total divided by the FLOP rate it sustains on these shapes: at 10 TFLOP/s sustained, 1 PFLOP "
+             "is 100 s (arithmetic, not a measurement).", "",
              "| model | unit kind | units | GFLOP / iteration | MLP GFLOP / iteration (mlp-recon) |",
              "|---|---|---:|---:|---:|"]
     totals = []
@@ -523,8 +522,9 @@ def write_markdown(args, steps: list[Step], commands: list[str]) -> str:
              f"{time.strftime('%Y-%m-%d')}: seeded random weights, synthetic images of exactly {w}x{h}, "
              f"{args.iters} iterations per unit. Every stage is its own process; RSS is its peak resident "
              "memory, disk the most the run folder / `$APHQ_CACHE` held while it ran (and at its end)."
-             + (" Only the rows of " + ", ".join(args.models) + " with " + " and ".join(map(str, sorted(set(args.images))))
-                + " images are this run's; the others come from earlier runs (`--merge`; their commands are below)."
+             + (" Only the rows of " + ", ".join(args.models) + " with "
+                + " and ".join(map(str, sorted(set(args.images)))) + " images are this run's; the others "
+                "come from earlier runs (`--merge`; their commands are below)."
                 if args.merge else ""), "",
              "| model | images | stage | wall s | peak RSS MiB | run peak / end MiB | cache peak / end MiB |",
              "|---|---:|---|---:|---:|---:|---:|"]

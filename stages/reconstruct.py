@@ -35,7 +35,7 @@ from aphq_cli.errors import AphqError
 from aphq_cli.models.heads import HEAD_LOSSES, float_head_inputs, head_cache_shapes, head_units
 from aphq_cli.models.plan import RPN_TASK, units_of
 from aphq_cli.quant.adaround import (beta_schedule, hard_quantize_floor, init_alpha, qdrop_mix, rounding_regularizer,
-                                     soft_quantize_floor, soft_quantize_weight)
+                                     soft_quantize_floor)
 from aphq_cli.quant.aph import block_fisher, ensure_block_aph
 from aphq_cli.quant.headloss import normalized_sum
 from aphq_cli.quant.modules import QuantConv2d, QuantLinear, Quantizer
@@ -173,11 +173,9 @@ class SoftRounding(nn.Module):
     @torch.no_grad()
     def harden(self, weight: torch.Tensor) -> torch.Tensor:
         """The hard-rounded weight; a learned scale goes into the quantizer, so the weight is on its grid."""
-        q = self.quantizer
-        if self.gain is None:
-            return soft_quantize_weight(weight, q.scale, q.zero_point, q.bits, self.alpha, hard=True)
-        scale = self.scale()
-        q.scale.copy_(scale)
+        q, scale = self.quantizer, self.scale()
+        if self.gain is not None:
+            q.scale.copy_(scale)
         return hard_quantize_floor(self.floor, scale, q.zero_point, q.bits, self.alpha)
 
 

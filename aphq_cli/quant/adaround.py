@@ -73,8 +73,7 @@ class _SoftQuantize(torch.autograd.Function):
         grad_h = clamp_backward(clamp_backward(grad * scale, t, 0, 2 ** ctx.bits - 1), h0, 0, 1)
         grad_scale = None
         if ctx.needs_input_grad[2]:
-            zero_point = ctx.zero_point
-            grad_scale = (grad * (t.clamp(0, 2 ** ctx.bits - 1) - zero_point)).sum_to_size(scale.shape)
+            grad_scale = (grad * (t.clamp(0, 2 ** ctx.bits - 1) - ctx.zero_point)).sum_to_size(scale.shape)
         return torch.ops.aten.sigmoid_backward(grad_h * (ZETA - GAMMA), y), None, grad_scale, None, None
 
 
