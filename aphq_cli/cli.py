@@ -131,7 +131,8 @@ DataOpt = typer.Option(None, "--data", "-d", help="COCO-layout data folder (anno
 DeviceOpt = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N.")
 QuantConfigOpt = typer.Option(None, "--quant-config", "-q",
                               help="TOML/YAML file of stage settings, or a preset name (4bit: the paper's "
-                                   "published configuration). Options given here override single keys.")
+                                   "published configuration; 4bit-heads, 4bit-quarter: docs/quant-config.md). "
+                                   "Options given here override single keys.")
 CalibSplitOpt = typer.Option(
     None, "--calib-split",
     help="Where calibration/reconstruction images come from: train (default: the training split) or val "

@@ -98,3 +98,13 @@ def test_calib_split_at_the_top_level_sets_every_stage(tmp_path):
     (tmp_path / "bad.toml").write_text('[reconstruct]\nqdrop_scope = "matmul"\n')
     with pytest.raises(AphqError, match="qdrop_scope must be one of linear, all"):
         ReconstructConfig(**load_quant_config(tmp_path / "bad.toml")[1]["reconstruct"])
+
+
+def test_the_quarter_preset_is_the_published_one_with_a_quarter_of_the_steps_four_times_as_large():
+    published, quarter = load_quant_config("4bit")[1], load_quant_config("4bit-quarter")[1]
+    assert published["calibrate"] == quarter["calibrate"] and published["mlp_recon"] == quarter["mlp_recon"]
+    full, short = ReconstructConfig(**published["reconstruct"]), ReconstructConfig(**quarter["reconstruct"])
+    assert short.iters * 4 == full.iters == 20000
+    assert (short.w_lr, short.a_lr) == pytest.approx((4 * full.w_lr, 4 * full.a_lr))
+    others = {k: v for k, v in asdict(full).items() if k not in ("iters", "w_lr", "a_lr")}
+    assert others == {k: v for k, v in asdict(short).items() if k not in ("iters", "w_lr", "a_lr")}
