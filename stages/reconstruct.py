@@ -572,8 +572,7 @@ def reconstruct(*, run: Path, loss: str | None = None, iters: int | None = None,
     made = calibrated()[1]
     if stage.current:
         if not keep_aph_cache and distributed.is_main():
-            _drop_aph(used_by_the_stage(aph_cache(stage.source, stage.dataset, stage.config.delta,
-                                                  CACHE_DTYPES[stage.config.aph_dtype])), progress)
+            _drop_aph(used_by_the_stage(_aph_of(stage)), progress)
         return stage.reused()
     source, config, dataset, inputs = stage.source, stage.config, stage.dataset, stage.inputs
     detector, _, _ = load_stage(run, "calibrate", dev, trust_checkpoint=trust_checkpoint,
@@ -592,8 +591,7 @@ def reconstruct(*, run: Path, loss: str | None = None, iters: int | None = None,
     if force and main:
         cache.drop("")
     distributed.barrier()
-    # mlp-recon's estimates (it stores float16; another aph_dtype is an entry of its own).
-    aph = aph_cache(source, dataset, config.delta, CACHE_DTYPES[config.aph_dtype])
+    aph = _aph_of(stage)
     # The calibrate settings (bit-widths) carry over; images are reconstruct's own.
     header = made.with_fields(**stage.header(), reconstruct=asdict(config),
                               reconstruct_quant_config=stage.quant_config)
@@ -693,6 +691,12 @@ def head_plan_of(fp: nn.Module, ios: list[dict], heads: list[str], key: str, ite
                           dtypes)
     targets = [entry_bytes([outputs(outs[name]) for _, outs in found], itemsize, key) for name in heads]
     return HeadPlan(records, targets)
+
+
+def _aph_of(stage) -> TensorCache:
+    """The run's entry of the shared APH cache: mlp-recon's estimates (it stores float16; another
+    ``aph_dtype`` is an entry of its own). Made only where needed: its key hashes the checkpoint."""
+    return aph_cache(stage.source, stage.dataset, stage.config.delta, CACHE_DTYPES[stage.config.aph_dtype])
 
 
 def _drop_aph(aph: SharedUse, report=None) -> None:
