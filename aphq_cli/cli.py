@@ -18,6 +18,7 @@ from typing import Callable, Optional
 
 import typer
 
+from aphq_cli.allocator import retain_freed_memory
 from aphq_cli.errors import AphqError
 
 app = typer.Typer(
@@ -36,6 +37,7 @@ _state = {"verbose": False}
 @app.callback()
 def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks and tool logs.")) -> None:
     _state["verbose"] = verbose
+    retain_freed_memory()  # every command: its loops reuse freed memory instead of faulting in fresh pages
 
 
 class Terminated(KeyboardInterrupt):

@@ -40,6 +40,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from aphq_cli.allocator import retain_freed_memory  # noqa: E402
 from aphq_cli.models.plan import quantize_model, units_of  # noqa: E402
 from aphq_cli.models.zoo import build_model, load_config, load_model, resolve_model  # noqa: E402
 from aphq_cli.quant.calib import minmax_calibrate  # noqa: E402
@@ -208,7 +209,8 @@ def schedule_hours(rows: list[dict], counts: dict[str, int], iters: int) -> floa
     return sum(per_kind[k] * n for k, n in counts.items()) * iters / 3600
 
 
-def markdown(rows: list[dict], schedules: dict[str, tuple[dict, float]], command: str) -> str:
+def markdown(rows: list[dict], schedules: dict[str, tuple[dict, float]], command: str,
+             malloc_retained: bool = True) -> str:
     lines = ["| size | unit kind | input | ms / iteration | " + " | ".join(PARTS) + " | other |",
              "|---|---|---|---:|" + "---:|" * (len(PARTS) + 1)]
     for r in rows:
@@ -217,7 +219,7 @@ def markdown(rows: list[dict], schedules: dict[str, tuple[dict, float]], command
         lines.append(f"| {r['size']} ({r['image']}) | {r['kind']} | {'x'.join(map(str, r['input']))} | "
                      f"{r['s_per_iter'] * 1e3:.1f} | {shares} |")
     machine = (f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-               f"Python {platform.python_version()}")
+               f"Python {platform.python_version()}, malloc {'retained' if malloc_retained else 'default'}")
     text = f"`{command}` ({machine}):\n\n" + "\n".join(lines) + "\n"
     for label, (counts, hours) in schedules.items():
         units = ", ".join(f"{n} x {k}" for k, n in counts.items())
@@ -237,12 +239,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=None, help="write the markdown table here ('-': stdout only)")
     args = parser.parse_args(argv)
     command = "python benchmarks/iteration.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    retained = retain_freed_memory()  # as the aphq command does at its start ($APHQ_MALLOC=default: not)
     rows, schedules = [], {}
     for label in args.sizes:
         measured, counts = profile_size(label, args.iters, args.rounds, args.images, args.device)
         rows += measured
         schedules[label] = (counts, schedule_hours(measured, counts, PUBLISHED_ITERS))
-    text = markdown(rows, schedules, command.strip())
+    text = markdown(rows, schedules, command.strip(), retained)
     print(text)
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=1))

@@ -88,6 +88,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import aphq_cli  # noqa: E402,F401  before mmdet is imported: it serves mmcv's ops (mmcv has no compiled ones)
+from aphq_cli.allocator import retain_freed_memory  # noqa: E402
 
 # The block of issue #23: Swin-T's first stage.
 DIM, HEADS, WINDOW, MLP_RATIO, SIDE = 96, 3, 7, 4.0, 56
@@ -116,6 +117,7 @@ class Timing:
     torch_threads: int
     torch_version: str
     machine: str
+    malloc_retained: bool  # aphq_cli.allocator ran, as every aphq command runs it ($APHQ_MALLOC=default: not)
 
 
 # --- the shim ---------------------------------------------------------------------------------------------------
@@ -375,6 +377,8 @@ def measure(published: str | Path, rounds: int = 5, iters: int = 20, shift: int 
         progress: optional callable ``(message)``.
     """
     say = progress or (lambda message: None)
+    # As the aphq command does at its start; process-wide, so the published side runs under it too.
+    retained = retain_freed_memory()
     pub = load_published(Path(published))
     torch.manual_seed(seed)
     float_block = pub.swin.SwinTransformerBlock(DIM, HEADS, window_size=WINDOW, shift_size=shift,
@@ -395,7 +399,7 @@ def measure(published: str | Path, rounds: int = 5, iters: int = 20, shift: int 
     pub_s, ours_s = statistics.median(times["published"]), statistics.median(times["aphq"])
     machine = f"{platform.node()} ({platform.processor() or platform.machine()})"
     return Timing(pub_s, ours_s, pub_s / ours_s, times["published"], times["aphq"], rounds, iters, shift,
-                  torch.get_num_threads(), torch.__version__, machine)
+                  torch.get_num_threads(), torch.__version__, machine, retained)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -416,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
                      progress=lambda message: print(message, file=sys.stderr, flush=True))
     print(f"published {result.published_s_per_iter:.4f} s/iter, aphq {result.aphq_s_per_iter:.4f} s/iter, "
           f"published/aphq {result.ratio:.2f}x (median of {result.rounds} rounds x {result.iters} iterations, "
-          f"{result.torch_threads} threads)")
+          f"{result.torch_threads} threads, malloc {'retained' if result.malloc_retained else 'default'})")
     if args.out is not None:
         args.out.write_text(json.dumps(asdict(result), indent=2) + "\n")
     return 0
