@@ -210,7 +210,7 @@ def schedule_hours(rows: list[dict], counts: dict[str, int], iters: int) -> floa
 
 
 def markdown(rows: list[dict], schedules: dict[str, tuple[dict, float]], command: str,
-             malloc_retained: bool = True) -> str:
+             malloc_retained: bool) -> str:
     lines = ["| size | unit kind | input | ms / iteration | " + " | ".join(PARTS) + " | other |",
              "|---|---|---|---:|" + "---:|" * (len(PARTS) + 1)]
     for r in rows:
