@@ -143,6 +143,16 @@ def toml_setting(item: str, ap: argparse.ArgumentParser) -> tuple[str, str]:
     return key, value
 
 
+def calib_config(folder: Path, extra: dict) -> list[str]:
+    """``--quant-config`` with a file of the benchmark's [calibrate] overrides, or nothing without any."""
+    if not extra:
+        return []
+    path = folder / "calibrate.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(["[calibrate]"] + [f"{k} = {v}" for k, v in extra.items()]) + "\n")
+    return ["--quant-config", str(path)]
+
+
 def seed_config(folder: Path, seed: int, extra: dict) -> Path:
     """A --quant-config file setting the reconstruct seed (and any benchmark overrides)."""
     lines = ["[reconstruct]", f"seed = {seed}"] + [f"{k} = {v}" for k, v in extra.items()]
@@ -184,7 +194,7 @@ def bench_model(b: Bench, model: str) -> None:
         tag = f"W{bits}A{bits}"
         calib_run = base / f"w{bits}a{bits}"
         b.aphq(model, f"{tag} calibrate (stage)", "calibrate", "--model", model, "--run", str(calib_run),
-               "--w-bits", str(bits), "--a-bits", str(bits), *margs, *dev,
+               "--w-bits", str(bits), "--a-bits", str(bits), *calib_config(base, args.calib_set), *margs, *dev,
                artifact=calib_run / "calibrate.safetensors")
         if "calib" in methods:
             b.aphq(model, f"{tag} calib", "eval", "--run", str(calib_run), *dev, *lim,
@@ -197,7 +207,8 @@ def bench_model(b: Bench, model: str) -> None:
                     run.mkdir()
                     shutil.copy(mlp_run / "mlp_recon.safetensors", run / "mlp_recon.safetensors")
                     b.aphq(model, f"{tag} calibrate after mlp-recon (stage)", "calibrate", "--model", model,
-                           "--run", str(run), "--w-bits", str(bits), "--a-bits", str(bits), *margs, *dev)
+                           "--run", str(run), "--w-bits", str(bits), "--a-bits", str(bits),
+                           *calib_config(base, args.calib_set), *margs, *dev)
                 else:
                     shutil.copytree(calib_run, run, ignore=shutil.ignore_patterns("eval", "eval.json"))
                 qc = seed_config(run, seed, args.recon_set)
@@ -406,6 +417,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recon-images", type=int, default=None, help="reconstruct --images (default: the model's)")
     ap.add_argument("--recon-set", nargs="+", default=[], metavar="KEY=VALUE",
                     help="further [reconstruct] settings for every reconstruction, e.g. qdrop_scope=all")
+    ap.add_argument("--calib-set", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="further [calibrate] settings for every calibration, e.g. reparam_values=true")
     ap.add_argument("--mlp-eval", action="store_true", help="measure FP after mlp-recon even without mlp+aph")
     ap.add_argument("--export", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--breakdown", action="store_true",
@@ -426,6 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     args.scaling_points = [tuple(int(v) for v in p.split("x")) for p in args.scaling_points]
     args.recon_set = dict(toml_setting(item, ap) for item in args.recon_set)
+    args.calib_set = dict(toml_setting(item, ap) for item in args.calib_set)
     if args.grid:
         args.grid = [(int(g.split(":")[0]), g.split(":")[1].split(",")) for g in args.grid]
         bad = {m for _, ms in args.grid for m in ms} - set(METHODS)
