@@ -71,11 +71,8 @@ def detector_plan(model: nn.Module, w_bits: int, a_bits: int) -> QuantPlan:
             norm = layer_norm_of(name)
             pads = norm is not None and padding_block(model, norm) is not None
             pad_owner = norm.rpartition(".")[0] if pads else None
-            owner, _, attr = name.rpartition(".")
-            values = attr == "proj" and isinstance(model.get_submodule(owner), WindowAttention)
             layers[name] = LayerPlan("linear", w_bits, a_bits, norm=norm, pad_owner=pad_owner,
-                                     relu_input=name in relu_fc2, values=f"{owner}.qkv" if values else None,
-                                     value_matmul=f"{owner}.matmul_av" if values else None)
+                                     relu_input=name in relu_fc2)
         elif isinstance(module, nn.Conv2d):
             image = name.endswith("patch_embed.proj")
             layers[name] = LayerPlan("conv", w_bits, IMAGE_BITS if image else a_bits)

@@ -21,7 +21,7 @@ from aphq_cli.errors import AphqError
 from aphq_cli.quant.modules import QuantConv2d, QuantMatMul, Quantizer
 from aphq_cli.quant.primitives import matmul_percentiles, qmax, search_matmul, search_rowwise
 from aphq_cli.quant.plan import QuantPlan
-from aphq_cli.quant.wrap import fold_channel_scales, fold_value_scales, quant_layers, reparam_factors
+from aphq_cli.quant.wrap import fold_channel_scales, quant_layers, reparam_factors
 
 
 @dataclass(frozen=True)
@@ -35,9 +35,6 @@ class SearchSettings:
         reparam: RepQ scale reparameterization of LayerNorm-fed inputs
             (applied when w_bits == a_bits).
         fc2_zero: post-ReLU fc2 inputs (after mlp-recon) get zero point 0.
-        reparam_values: the same reparameterization for the inputs of the
-            attention output projections, folded into the values (beyond the
-            published method; :func:`fold_value_scales`).
     """
 
     w_bits: int = 4
@@ -50,7 +47,6 @@ class SearchSettings:
     max_windows: int = 256
     reparam: bool = True
     fc2_zero: bool = False
-    reparam_values: bool = False
 
     def __post_init__(self) -> None:
         for name in ("w_bits", "a_bits"):
@@ -137,26 +133,6 @@ def calibrate_layer(model: nn.Module, plan: QuantPlan, name: str, layer: nn.Modu
     layer.w_quant.set_params(ws, wz)
 
 
-@torch.no_grad()
-def _fold_values(model: nn.Module, name: str, lp, recorder: InputRecorder, settings: SearchSettings) -> None:
-    """Per-channel scales of an output projection's input, folded into its values; the records follow.
-
-    Runs before any layer is calibrated: the fold changes the values' layer's
-    weights and the value operand of ``lp.value_matmul``, whose quantizers are
-    then searched on what they will see.
-    """
-    layer = model.get_submodule(name)
-    x = torch.cat(recorder.rows[name]).float()
-    s_c, z_c = search_rowwise(x.T.contiguous(), layer.a_quant.bits, eq_n=settings.eq_n, pct=settings.pct)
-    _, _, r, b = reparam_factors(s_c, z_c, layer.a_quant.bits)
-    fold_value_scales(model.get_submodule(lp.values), layer, r, b)
-    recorder.rows[name] = [x / r - b]
-    pairs = recorder.pairs[lp.value_matmul]
-    heads = pairs[0][1].shape[1]
-    rh, bh = r.view(heads, 1, -1), b.view(heads, 1, -1)  # channel c = head * d + i, as the heads concatenate
-    recorder.pairs[lp.value_matmul] = [(a, v / rh - bh) for a, v in pairs]
-
-
 def _folds(lp, settings: SearchSettings) -> bool:
     """Whether this layer's input scales fold into its LayerNorm (RepQ, when weights and inputs share bits)."""
     return lp.kind == "linear" and lp.norm is not None and settings.reparam and settings.a_bits == settings.w_bits
@@ -180,10 +156,6 @@ def calibrate_model(model: nn.Module, plan: QuantPlan, batches, settings: Search
     with recorder.attached():
         for batch in batches:
             forward(model, batch)
-    if settings.reparam_values:
-        for name, lp in plan.layers.items():
-            if lp.values is not None:
-                _fold_values(model, name, lp, recorder, settings)
     folded = []
     for i, (name, layer) in enumerate(layers.items()):
         calibrate_layer(model, plan, name, layer, recorder, settings)

@@ -35,12 +35,6 @@ class LayerPlan:
         pad_owner: the module that pads ``norm``'s output to whole windows; its
             ``pad_value`` takes the folded zero (qualified name), or None.
         relu_input: the input follows a ReLU, so it may take zero point 0.
-        values: for an attention output projection, the Linear whose last
-            ``in_features`` output rows are the values its input averages
-            (qualified name), or None. Its input channels can then take a
-            per-channel scale folded into those rows (``reparam_values``).
-        value_matmul: the matmul that averages those values (``softmax @ v``),
-            whose value operand the fold rescales too.
     """
 
     kind: LayerKind
@@ -50,8 +44,6 @@ class LayerPlan:
     norm: str | None = None
     pad_owner: str | None = None
     relu_input: bool = False
-    values: str | None = None
-    value_matmul: str | None = None
 
 
 @dataclass(frozen=True)

@@ -185,33 +185,3 @@ def _on_grid(model: nn.Module, quantizer_name: str) -> bool:
     weight = model.get_submodule(quantizer_name[: -len(".w_quant")]).weight.detach()
     codes = weight / q.scale + q.zero_point  # scale and zero point broadcast per output channel
     return bool((codes - codes.round()).abs().max() < 1e-3)
-
-
-@torch.no_grad()
-def fold_value_scales(values: QuantLinear, proj: QuantLinear, r: torch.Tensor, b: torch.Tensor) -> None:
-    """Fold ``y' = y / r - b`` on an attention output projection's input into the values it averages.
-
-    The projection's input is ``softmax @ v``: each of its channels is a
-    weighted average of the same channel of ``v`` with weights summing to 1,
-    so ``v' = v / r - b`` gives exactly ``y / r - b``. ``v`` is the last
-    ``proj.in_features`` output rows of ``values`` (a fused ``qkv``): those
-    rows and their bias take the fold, ``proj`` the compensation
-    (``W'[:, c] = W[:, c] r_c``, ``bias' = bias + W' b``), so in floating
-    point the attention's output is unchanged. Rows of a weight quantized per
-    output channel keep their grid under a positive scale, so ``values``'
-    weight quantization is unaffected; the quantized attention probabilities
-    need not sum to 1, which is where the shift ``b`` can differ from float.
-    """
-    c = proj.in_features
-    rows = slice(values.out_features - c, values.out_features)
-    values.weight[rows].div_(r[:, None])
-    if values.bias is None:
-        values.bias = nn.Parameter(torch.zeros(values.out_features, dtype=values.weight.dtype,
-                                               device=values.weight.device))
-    values.bias[rows].copy_(values.bias[rows] / r - b)
-    proj.weight.mul_(r[None, :])
-    shift = proj.weight @ b
-    if proj.bias is None:
-        proj.bias = nn.Parameter(shift.clone())
-    else:
-        proj.bias.add_(shift)
