@@ -418,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recon-set", nargs="+", default=[], metavar="KEY=VALUE",
                     help="further [reconstruct] settings for every reconstruction, e.g. qdrop_scope=all")
     ap.add_argument("--calib-set", nargs="+", default=[], metavar="KEY=VALUE",
-                    help="further [calibrate] settings for every calibration, e.g. reparam_values=true")
+                    help="further [calibrate] settings for every calibration, e.g. calib_images=16")
     ap.add_argument("--mlp-eval", action="store_true", help="measure FP after mlp-recon even without mlp+aph")
     ap.add_argument("--export", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--breakdown", action="store_true",

@@ -37,3 +37,14 @@ def test_the_reading_section_is_carried_over(tmp_path):
     assert bench.kept_reading(out) == ""
     out.write_text("# Results\n\n| a | b |\n\n## Reading\n\nWhat the numbers say.\n")
     assert bench.kept_reading(out) == "## Reading\n\nWhat the numbers say.\n"
+
+
+def test_calib_set_becomes_a_quant_config_the_calibrate_stage_reads(tmp_path):
+    from aphq_cli.quantconfig import stage_settings
+
+    bench = _bench()
+    assert bench.calib_config(tmp_path / "none", {}) == []
+    flag, path = bench.calib_config(tmp_path / "m", {"calib_images": "16", "pct": "0.99"})
+    assert flag == "--quant-config"
+    assert stage_settings(path, "calibrate")[1] == {"calib_images": 16, "pct": 0.99}
+    assert stage_settings(path, "reconstruct")[1] == {}
