@@ -163,6 +163,7 @@ def eval_cmd(
     keep_float: Optional[list[str]] = typer.Option(
         None, "--keep-float", metavar="PART[:w|:a]",
         help="Run this part of a quantized model in float (e.g. roi_head, backbone:w); repeatable. "
+             "Reconstructed weights take their calibrated float values back (an export's cannot: use PART:a). "
              "Shows where quantization costs accuracy; not recorded in the run."),
     per_class: bool = typer.Option(False, "--per-class", help="Also show (and write to --json) each class's AP."),
     device: str = DeviceOpt,

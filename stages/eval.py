@@ -154,7 +154,9 @@ def evaluate(*, model: str | None = None, checkpoint: Path | None = None, data: 
         limit: evaluate only the first N images.
         keep_float: parts of a quantized model (``run`` or ``artifact``) to run
             in float (``roi_head``, ``backbone:w``; see ``keep_float``), to see
-            where quantization costs accuracy. Such a result is not recorded.
+            where quantization costs accuracy; a reconstruct stage's rounded
+            weights take their calibrated float values back. Such a result is
+            not recorded.
         per_class: also score each class on its own (``EvalResult.per_class``).
         device: ``cpu``, ``cuda`` or ``cuda:N``.
         trust_checkpoint: allow a pickled checkpoint with arbitrary objects.
@@ -201,8 +203,13 @@ def evaluate(*, model: str | None = None, checkpoint: Path | None = None, data: 
         name, made_from = "fp", source.checkpoint
         protocol = ""
     if keep_float:
+        originals = None
+        if run is not None and stage == "reconstruct" and any(not part.endswith(":a") for part in keep_float):
+            # Reconstruct leaves its weights on their grids; their float values are the calibrated model's.
+            originals = load_stage(run, "calibrate", dev, trust_checkpoint=trust_checkpoint,
+                                   trust_config=trust_config or model)[0]
         try:
-            turn_off(detector, keep_float)
+            turn_off(detector, keep_float, originals)
         except ValueError as e:
             raise AphqError(f"--keep-float {e}") from None
         label, record_run = f"{label[:-1]}, float: {' '.join(keep_float)}]", None

@@ -135,26 +135,29 @@ def fold_channel_scales(norm: nn.LayerNorm, layer: QuantLinear, r: torch.Tensor,
         layer.bias.add_(shift)
 
 
-def keep_float(model: nn.Module, parts: list[str] | tuple[str, ...]) -> int:
+def keep_float(model: nn.Module, parts: list[str] | tuple[str, ...], originals: nn.Module | None = None) -> int:
     """Turn off the quantizers of the named parts, so those parts run in float.
 
     For finding where quantization costs accuracy: each part is a module name
     (``roi_head``, ``backbone.layers.2``) with an optional ``:w`` (its weight
     quantizers only) or ``:a`` (its activation quantizers only).
 
-    Weights that already hold their quantized values (reconstruct rounds the
-    backbone's and neck's, an export all of them) have no float version left,
-    so naming their weights is refused rather than silently scoring them
-    quantized; their activations (``PART:a``) can still run in float.
+    Weights that already hold their quantized values (reconstruct rounds
+    them) get their float values back from ``originals``, the same model as
+    calibrated (its weights as they were before any rounding, reparameterized
+    alike). Without it (an export keeps nothing else), naming them is refused
+    rather than silently scoring them quantized; their activations
+    (``PART:a``) can still run in float.
 
     Returns:
         How many quantizers were turned off.
 
     Raises:
-        ValueError: a part names no quantized module, or weights on their grid.
+        ValueError: a part names no quantized module, or weights on their grid without ``originals``.
     """
     found = quantizers(model)
     chosen: dict[str, nn.Module] = {}
+    restore: list[str] = []
     for part in parts:
         prefix, _, kind = part.partition(":")
         if kind not in ("", "w", "a") or not prefix:
@@ -164,12 +167,15 @@ def keep_float(model: nn.Module, parts: list[str] | tuple[str, ...]) -> int:
         if not hits:
             tops = sorted({name.split(".")[0] for name in found})
             raise ValueError(f"{part!r} names no quantized module (the model's parts: {', '.join(tops)})")
-        rounded = [name for name in hits if name.endswith(".w_quant") and _on_grid(model, name)]
-        if rounded:
-            layer = rounded[0][: -len(".w_quant")]
-            raise ValueError(f"{part!r} includes weights that hold their quantized values, such as {layer}'s "
+        rounded = [name[: -len(".w_quant")] for name in hits if name.endswith(".w_quant") and _on_grid(model, name)]
+        if rounded and originals is None:
+            raise ValueError(f"{part!r} includes weights that hold their quantized values, such as {rounded[0]}'s "
                              f"({len(rounded)} layer(s)); use {prefix}:a for its activations")
         chosen |= hits
+        restore += rounded
+    with torch.no_grad():
+        for layer in restore:
+            model.get_submodule(layer).weight.copy_(originals.get_submodule(layer).weight)
     off = 0
     for q in chosen.values():
         off += q.enabled

@@ -125,6 +125,26 @@ def test_keep_float_refuses_weights_that_hold_their_quantized_values():
     assert keep_float(model, ["backbone.layers.0:w", "backbone.layers.1:a"]) > 0  # the rest is allowed
 
 
+def test_keep_float_gives_rounded_weights_their_originals_back():
+    model, originals = _calibrated_backbone(), _calibrated_backbone()
+    originals.load_state_dict(model.state_dict())
+    layer = model["backbone"].layers[1].blocks[0].mlp.fc1
+    with torch.no_grad():  # reconstruct's rounding, as above
+        layer.w_quant.set_params(torch.full((layer.out_features,), 0.05), torch.full((layer.out_features,), 8.0))
+        layer.weight.copy_(layer.w_quant(layer.weight))
+    x = torch.randn(5, layer.in_features)
+    assert keep_float(model, ["backbone.layers.1.blocks.0.mlp.fc1:w"], originals) == 1
+    original = originals.get_submodule("backbone.layers.1.blocks.0.mlp.fc1")
+    assert torch.equal(layer.weight, original.weight) and not layer.w_quant.enabled
+    original.w_quant.enabled = False
+    with torch.no_grad():
+        assert torch.equal(layer(x), original(x))  # float weights, the same (still quantized) input
+    # Weights not on a grid are left as they are.
+    other = model["backbone"].layers[0].blocks[0].mlp.fc1.weight.clone()
+    keep_float(model, ["backbone.layers.0:w"], _calibrated_backbone())
+    assert torch.equal(model["backbone"].layers[0].blocks[0].mlp.fc1.weight, other)
+
+
 @pytest.mark.parametrize("part, message", [("roi_head", "names no quantized module .*backbone"),
                                            ("backbone.layers.1:x", "is not PART"),
                                            ("backbone.layers.", "names no quantized module"),

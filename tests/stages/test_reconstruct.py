@@ -140,6 +140,33 @@ def test_keep_float_everything_is_the_float_model(bundled_w3a3, bundled_fp40):
     assert records() == before  # not recorded: the run's eval/ holds real stages only
 
 
+@pytest.mark.slow
+def test_keep_float_everything_after_reconstruction_is_the_float_model(bundled_w3a3, bundled_fp40, tmp_path):
+    """Reconstructed (rounded) weights take their calibrated float values back: every part in float scores as float.
+
+    A short mse reconstruction (heads too) rounds every layer's weight; without the calibrated weights
+    this would be refused, with wrong ones (the checkpoint's, where LayerNorm scales are folded) it
+    would not score as the float model.
+    """
+    import shutil
+
+    from stages.eval import evaluate
+
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(bundled_w3a3 / "calibrate.safetensors", run)
+    reconstruct(run=run, loss="mse", heads=True, settings={"images": 1, "iters": 2})
+    everything = ["backbone", "neck", "rpn_head", "roi_head"]
+    result = evaluate(run=run, stage="reconstruct", limit=40, keep_float=everything)
+    for key in ("bbox_AP", "segm_AP"):
+        assert result.metrics[key] == pytest.approx(bundled_fp40[key], abs=0.2), key
+    from stages.export import export
+
+    exported = export(run=run, out=tmp_path / "e.safetensors").path
+    with pytest.raises(AphqError, match="hold their quantized values"):  # an export keeps no float weights
+        evaluate(artifact=exported, limit=1, keep_float=["roi_head:w"])
+
+
 def test_the_teacher_is_the_original_float_model_after_mlp_recon(tmp_path, synth_dir, random_tiny_checkpoint,
                                                                   monkeypatch):
     """After mlp-recon, a unit's float input and target come from the original (GELU) model.
