@@ -130,11 +130,11 @@ def model_args(args: argparse.Namespace) -> list[str]:
     return out
 
 
-def toml_setting(item: str, ap: argparse.ArgumentParser) -> tuple[str, str]:
+def toml_setting(item: str, ap: argparse.ArgumentParser, option: str) -> tuple[str, str]:
     """``KEY=VALUE`` as a TOML line's key and value: numbers and booleans as they are, anything else quoted."""
     key, sep, value = item.partition("=")
     if not sep or not key:
-        ap.error(f"--recon-set takes KEY=VALUE, got {item!r}")
+        ap.error(f"{option} takes KEY=VALUE, got {item!r}")
     try:
         float(value)
     except ValueError:
@@ -438,8 +438,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("docs/results.md"))
     args = ap.parse_args(argv)
     args.scaling_points = [tuple(int(v) for v in p.split("x")) for p in args.scaling_points]
-    args.recon_set = dict(toml_setting(item, ap) for item in args.recon_set)
-    args.calib_set = dict(toml_setting(item, ap) for item in args.calib_set)
+    args.recon_set = dict(toml_setting(item, ap, "--recon-set") for item in args.recon_set)
+    args.calib_set = dict(toml_setting(item, ap, "--calib-set") for item in args.calib_set)
     if args.grid:
         args.grid = [(int(g.split(":")[0]), g.split(":")[1].split(",")) for g in args.grid]
         bad = {m for _, ms in args.grid for m in ms} - set(METHODS)

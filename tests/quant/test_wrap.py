@@ -133,6 +133,10 @@ def test_keep_float_gives_rounded_weights_their_originals_back():
         layer.w_quant.set_params(torch.full((layer.out_features,), 0.05), torch.full((layer.out_features,), 8.0))
         layer.weight.copy_(layer.w_quant(layer.weight))
     x = torch.randn(5, layer.in_features)
+    rounded = layer.weight.clone()
+    with pytest.raises(ValueError, match="names no quantized module"):  # a refused call restores nothing
+        keep_float(model, ["backbone.layers.1:w", "roi_head"], originals)
+    assert torch.equal(layer.weight, rounded) and layer.w_quant.enabled
     assert keep_float(model, ["backbone.layers.1.blocks.0.mlp.fc1:w"], originals) == 1
     original = originals.get_submodule("backbone.layers.1.blocks.0.mlp.fc1")
     assert torch.equal(layer.weight, original.weight) and not layer.w_quant.enabled
