@@ -143,23 +143,21 @@ def toml_setting(item: str, ap: argparse.ArgumentParser, option: str) -> tuple[s
     return key, value
 
 
+def write_section(path: Path, section: str, settings: dict) -> Path:
+    """A --quant-config file of one ``[section]`` holding ``settings`` (values as :func:`toml_setting` gives them)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join([f"[{section}]"] + [f"{k} = {v}" for k, v in settings.items()]) + "\n")
+    return path
+
+
 def calib_config(folder: Path, extra: dict) -> list[str]:
     """``--quant-config`` with a file of the benchmark's [calibrate] overrides, or nothing without any."""
-    if not extra:
-        return []
-    path = folder / "calibrate.toml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(["[calibrate]"] + [f"{k} = {v}" for k, v in extra.items()]) + "\n")
-    return ["--quant-config", str(path)]
+    return ["--quant-config", str(write_section(folder / "calibrate.toml", "calibrate", extra))] if extra else []
 
 
 def seed_config(folder: Path, seed: int, extra: dict) -> Path:
     """A --quant-config file setting the reconstruct seed (and any benchmark overrides)."""
-    lines = ["[reconstruct]", f"seed = {seed}"] + [f"{k} = {v}" for k, v in extra.items()]
-    path = folder / f"seed{seed}.toml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return write_section(folder / f"seed{seed}.toml", "reconstruct", {"seed": seed} | extra)
 
 
 def bench_model(b: Bench, model: str) -> None:
@@ -181,6 +179,7 @@ def bench_model(b: Bench, model: str) -> None:
     if args.recon_images:
         recon_opts += ["--images", str(args.recon_images)]
 
+    calib_opts = calib_config(base, args.calib_set)  # one file for every calibration of the model
     mlp_run = base / "mlp"
     grid = args.grid or [(bits, list(args.methods)) for bits in args.bits]
     all_methods = {m for _, methods in grid for m in methods}
@@ -194,7 +193,7 @@ def bench_model(b: Bench, model: str) -> None:
         tag = f"W{bits}A{bits}"
         calib_run = base / f"w{bits}a{bits}"
         b.aphq(model, f"{tag} calibrate (stage)", "calibrate", "--model", model, "--run", str(calib_run),
-               "--w-bits", str(bits), "--a-bits", str(bits), *calib_config(base, args.calib_set), *margs, *dev,
+               "--w-bits", str(bits), "--a-bits", str(bits), *calib_opts, *margs, *dev,
                artifact=calib_run / "calibrate.safetensors")
         if "calib" in methods:
             b.aphq(model, f"{tag} calib", "eval", "--run", str(calib_run), *dev, *lim,
@@ -208,7 +207,7 @@ def bench_model(b: Bench, model: str) -> None:
                     shutil.copy(mlp_run / "mlp_recon.safetensors", run / "mlp_recon.safetensors")
                     b.aphq(model, f"{tag} calibrate after mlp-recon (stage)", "calibrate", "--model", model,
                            "--run", str(run), "--w-bits", str(bits), "--a-bits", str(bits),
-                           *calib_config(base, args.calib_set), *margs, *dev)
+                           *calib_opts, *margs, *dev)
                 else:
                     shutil.copytree(calib_run, run, ignore=shutil.ignore_patterns("eval", "eval.json"))
                 qc = seed_config(run, seed, args.recon_set)

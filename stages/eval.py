@@ -204,16 +204,16 @@ def evaluate(*, model: str | None = None, checkpoint: Path | None = None, data: 
         protocol = ""
     if keep_float:
         originals = None
-        if artifact is None and stage == "reconstruct" and any(not part.endswith(":a") for part in keep_float):
+        if artifact is None and stage == "reconstruct":
             # Reconstruct leaves its weights on their grids; their float values are the calibrated model's
-            # (on the CPU: only its weights are read, and it is dropped before inference).
-            originals = load_stage(run, "calibrate", torch.device("cpu"), trust_checkpoint=trust_checkpoint,
-                                   trust_config=trust_config or model)[0]
+            # (loaded only if a named weight is rounded, on the CPU: only its weights are read).
+            def originals():
+                return load_stage(run, "calibrate", torch.device("cpu"), trust_checkpoint=trust_checkpoint,
+                                  trust_config=trust_config or model)[0]
         try:
             turn_off(detector, keep_float, originals)
         except ValueError as e:
             raise AphqError(f"--keep-float {e}") from None
-        del originals
         label, record_run = f"{label[:-1]}, float: {' '.join(keep_float)}]", None
     if json_path is not None:
         check_output(json_path, "--json", inputs=[made_from, weights, dataset.ann_file], runs=[run, record_run])

@@ -9,6 +9,8 @@ method.md §2. Which layers, with which bits, is the model's to say
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -135,7 +137,8 @@ def fold_channel_scales(norm: nn.LayerNorm, layer: QuantLinear, r: torch.Tensor,
         layer.bias.add_(shift)
 
 
-def keep_float(model: nn.Module, parts: list[str] | tuple[str, ...], originals: nn.Module | None = None) -> int:
+def keep_float(model: nn.Module, parts: list[str] | tuple[str, ...],
+               originals: Callable[[], nn.Module] | None = None) -> int:
     """Turn off the quantizers of the named parts, so those parts run in float.
 
     For finding where quantization costs accuracy: each part is a module name
@@ -143,11 +146,12 @@ def keep_float(model: nn.Module, parts: list[str] | tuple[str, ...], originals: 
     quantizers only) or ``:a`` (its activation quantizers only).
 
     Weights that already hold their quantized values (reconstruct rounds
-    them) get their float values back from ``originals``, the same model as
-    calibrated (its weights as they were before any rounding, reparameterized
-    alike). Without it (an export keeps nothing else), naming them is refused
-    rather than silently scoring them quantized; their activations
-    (``PART:a``) can still run in float.
+    them) get their float values back from the model ``originals()`` returns,
+    the same model as calibrated (its weights as they were before any
+    rounding, reparameterized alike); it is called only when a named weight
+    is rounded, once every part is checked. Without it (an export keeps
+    nothing else), naming them is refused rather than silently scoring them
+    quantized; their activations (``PART:a``) can still run in float.
 
     Returns:
         How many quantizers were turned off.
@@ -173,9 +177,11 @@ def keep_float(model: nn.Module, parts: list[str] | tuple[str, ...], originals: 
                              f"({len(rounded)} layer(s)); use {prefix}:a for its activations")
         chosen |= hits
         restore += rounded
-    with torch.no_grad():
-        for layer in restore:
-            model.get_submodule(layer).weight.copy_(originals.get_submodule(layer).weight)
+    if restore:
+        source = originals()
+        with torch.no_grad():
+            for layer in restore:
+                model.get_submodule(layer).weight.copy_(source.get_submodule(layer).weight)
     off = 0
     for q in chosen.values():
         off += q.enabled

@@ -135,9 +135,9 @@ def test_keep_float_gives_rounded_weights_their_originals_back():
     x = torch.randn(5, layer.in_features)
     rounded = layer.weight.clone()
     with pytest.raises(ValueError, match="names no quantized module"):  # a refused call restores nothing
-        keep_float(model, ["backbone.layers.1:w", "roi_head"], originals)
+        keep_float(model, ["backbone.layers.1:w", "roi_head"], lambda: originals)
     assert torch.equal(layer.weight, rounded) and layer.w_quant.enabled
-    assert keep_float(model, ["backbone.layers.1.blocks.0.mlp.fc1:w"], originals) == 1
+    assert keep_float(model, ["backbone.layers.1.blocks.0.mlp.fc1:w"], lambda: originals) == 1
     original = originals.get_submodule("backbone.layers.1.blocks.0.mlp.fc1")
     assert torch.equal(layer.weight, original.weight) and not layer.w_quant.enabled
     original.w_quant.enabled = False
@@ -145,7 +145,7 @@ def test_keep_float_gives_rounded_weights_their_originals_back():
         assert torch.equal(layer(x), original(x))  # float weights, the same (still quantized) input
     # Weights not on a grid are left as they are.
     other = model["backbone"].layers[0].blocks[0].mlp.fc1.weight.clone()
-    keep_float(model, ["backbone.layers.0:w"], _calibrated_backbone())
+    keep_float(model, ["backbone.layers.0:w"], _calibrated_backbone)
     assert torch.equal(model["backbone"].layers[0].blocks[0].mlp.fc1.weight, other)
 
 
