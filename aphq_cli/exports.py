@@ -93,7 +93,8 @@ def load_export(path: Path, device="cpu"):
                                 f"its quantization map says {q.bits}")
             scale = tensors[f"w:{name}.scale"].reshape(q.scale.shape)
             zero = tensors[f"w:{name}.zero_point"].float().reshape(q.zero_point.shape)
-            layer.weight.copy_(dequantize(unpack(tensors[f"w:{name}"], q.bits, shape), scale, zero))
+            codes = layer.weight_groups(unpack(tensors[f"w:{name}"], q.bits, shape))
+            layer.weight.copy_(dequantize(codes, scale, zero).reshape(shape))
             q.set_params(scale, zero)
         for name, q in quantizers(detector).items():
             if f"a:{name}.scale" in tensors:

@@ -420,7 +420,12 @@ def saved_plan(detector: torch.nn.Module, record, path: Path):
     if record.quantization_map is None:
         return plan
     try:
-        return plan_from_map(record.quantization_map, set(plan.layers))
+        saved = plan_from_map(record.quantization_map, set(plan.layers))
+        for name, lp in saved.layers.items():
+            fan_in = detector.get_submodule(name).weight[0].numel() if lp.w_group else 0
+            if lp.w_group and fan_in % lp.w_group:
+                raise ValueError(f"its weight group of {lp.w_group} for {name!r} does not divide its {fan_in} inputs")
+        return saved
     except ValueError as err:
         raise AphqError(f"{path} cannot be rebuilt: {err}; rerun the stage that wrote it") from err
 

@@ -41,17 +41,25 @@ class CalibrateConfig(SearchSettings):
             uses 1 for COCO; testbed configs set their own default.
         calib_split: ``train`` (default), or ``val``: the published protocol,
             which calibrates on the first annotated image of the evaluation split.
+        head_w_group: 0 (the published method): every weight has one scale
+            and zero point per output channel. Else the RPN and RoI heads'
+            weights have one per group of this many consecutive inputs
+            (beyond the paper, issue #18; still 4-bit codes, plus a scale and
+            zero point per group). It must divide every head layer's inputs.
         version: bumps when a setting's meaning changes.
     """
 
     calib_images: int = 1
     calib_split: str = "train"
+    head_w_group: int = 0
     version: int = field(default=CONFIG_VERSION)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.calib_images < 1:
             raise AphqError(f"--calib-images must be at least 1, got {self.calib_images}")
+        if self.head_w_group < 0:
+            raise AphqError(f"head_w_group must be 0 (per output channel) or a group size, got {self.head_w_group}")
         check_calib_split(self.calib_split)
 
 
@@ -141,7 +149,7 @@ def build_calibrated(source, config: CalibrateConfig, dataset, device, mlp_recon
     """
     detector = source.build(device, mlp_recon=mlp_recon)
     params_before = {k: v.clone() for k, v in detector.state_dict().items()}
-    plan = detector_plan(detector, config.w_bits, config.a_bits)
+    plan = detector_plan(detector, config.w_bits, config.a_bits, config.head_w_group)
     apply_plan(detector, plan)
     calibrate_model(detector, plan, source.batches(dataset, device), config, images=len(dataset), forward=_forward,
                     progress=progress)

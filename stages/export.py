@@ -35,14 +35,17 @@ def export_tensors(detector) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
     layers = weight_layers(detector)
     for name, layer in layers.items():
         q = layer.w_quant
-        codes = quantize(layer.weight.detach(), q.scale, q.zero_point, q.bits)
+        codes = quantize(layer.weight_groups().detach(), q.scale, q.zero_point, q.bits)  # row-major as the weight
         tensors[f"w:{name}"] = pack(codes, q.bits)
         tensors[f"w:{name}.scale"] = q.scale.detach().float().reshape(-1)
         tensors[f"w:{name}.zero_point"] = q.zero_point.detach().to(torch.uint8).reshape(-1)
         manifest[f"w:{name}"] = {"kind": "packed weight codes", "bits": q.bits, "shape": list(layer.weight.shape),
                                  "layout": "uint8 bit stream, LSB first, row-major"}
-        manifest[f"w:{name}.scale"] = {"kind": "weight scale per output channel", "dtype": "float32"}
-        manifest[f"w:{name}.zero_point"] = {"kind": "weight zero point per output channel", "dtype": "uint8"}
+        per = f"output channel and group of {layer.w_group} inputs" if layer.w_group else "output channel"
+        if layer.w_group:
+            manifest[f"w:{name}"]["group"] = layer.w_group
+        manifest[f"w:{name}.scale"] = {"kind": f"weight scale per {per}", "dtype": "float32"}
+        manifest[f"w:{name}.zero_point"] = {"kind": f"weight zero point per {per}", "dtype": "uint8"}
     weight_quantizers = {f"{n}.w_quant" for n in layers}
     buffers = set()
     for name, q in quantizers(detector).items():

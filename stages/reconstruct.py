@@ -153,7 +153,8 @@ class SoftRounding(nn.Module):
     scale learns too, as ``s * gain`` (one gain per scale entry, starting at 1,
     so one learning rate suits layers whose steps differ by orders of
     magnitude); the integer grid ``floor`` stays the calibrated one, and
-    :meth:`harden` writes the learned scale into the quantizer.
+    :meth:`harden` writes the learned scale into the quantizer. ``weight``
+    is the weight as the quantizer sees it (the layer's ``weight_groups()``).
     """
 
     def __init__(self, quantizer: nn.Module, weight: torch.Tensor, learn_scale: bool = False) -> None:
@@ -250,7 +251,7 @@ def reconstruct_unit(unit: nn.Module, caches: "UnitCaches", k: int, weights, con
         return []
     # A head unit may learn its weight scales too (head_w_scale_lr; beyond AdaRound, issue #18).
     learn_scale = head_loss is not None and config.head_w_scale_lr > 0
-    soft = {id(layer): SoftRounding(layer.w_quant, layer.weight, learn_scale) for layer in layers}
+    soft = {id(layer): SoftRounding(layer.w_quant, layer.weight_groups(), learn_scale) for layer in layers}
     # Only the rounding variables and the activation scales learn: the unit's own weights, biases and
     # norms are frozen, so backward computes no gradient for them (it used to: unused work).
     frozen = [p for p in unit.parameters() if p.requires_grad]
@@ -368,7 +369,7 @@ def reconstruct_unit(unit: nn.Module, caches: "UnitCaches", k: int, weights, con
         reader.shutdown(wait=True, cancel_futures=True)
         with torch.no_grad():
             for layer in layers:
-                layer.weight.copy_(soft[id(layer)].harden(layer.weight))
+                layer.weight.copy_(soft[id(layer)].harden(layer.weight).reshape(layer.weight.shape))
                 layer.w_quant = originals[id(layer)]
         for s in scales:
             s.requires_grad_(False)

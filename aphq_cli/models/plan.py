@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from aphq_cli.errors import AphqError
 from aphq_cli.models.swin import MatMul, Mlp, SwinBlock, WindowAttention
 from aphq_cli.quant.aph import rpn_task_loss
 from aphq_cli.quant.plan import LayerPlan, QuantPlan, Task
@@ -52,7 +53,7 @@ def _rpn_loss(outputs, float_outputs) -> torch.Tensor:
 RPN_TASK = Task(outputs=rpn_outputs, loss=_rpn_loss)
 
 
-def detector_plan(model: nn.Module, w_bits: int, a_bits: int) -> QuantPlan:
+def detector_plan(model: nn.Module, w_bits: int, a_bits: int, head_w_group: int = 0) -> QuantPlan:
     """The plan of a float detector (or any module holding Swin blocks): every layer, in module order.
 
     Every Linear and Conv2d is quantized, subclasses included (mmcv's ``Conv2d``
@@ -60,6 +61,15 @@ def detector_plan(model: nn.Module, w_bits: int, a_bits: int) -> QuantPlan:
     transposed convolutions (the mask head's upsampling) are no Conv2d and
     stay in floating point there too. Window-attention matmuls get one
     quantizer per head; the image (the patch embedding's input) 8 bits.
+
+    Args:
+        head_w_group: 0, every weight scaled per output channel (the
+            published method); else the RPN and RoI heads' weights in groups
+            of this many inputs (beyond it, issue #18), which must divide
+            each head layer's inputs.
+
+    Raises:
+        AphqError: ``head_w_group`` does not divide a head layer's inputs.
     """
     heads = {f"{n}.{m}": mod.heads for n, mod in model.named_modules() if isinstance(mod, WindowAttention)
              for m in ("matmul_qk", "matmul_av")}
@@ -72,13 +82,30 @@ def detector_plan(model: nn.Module, w_bits: int, a_bits: int) -> QuantPlan:
             pads = norm is not None and padding_block(model, norm) is not None
             pad_owner = norm.rpartition(".")[0] if pads else None
             layers[name] = LayerPlan("linear", w_bits, a_bits, norm=norm, pad_owner=pad_owner,
-                                     relu_input=name in relu_fc2)
+                                     relu_input=name in relu_fc2, w_group=_head_group(name, module, head_w_group))
         elif isinstance(module, nn.Conv2d):
             image = name.endswith("patch_embed.proj")
-            layers[name] = LayerPlan("conv", w_bits, IMAGE_BITS if image else a_bits)
+            layers[name] = LayerPlan("conv", w_bits, IMAGE_BITS if image else a_bits,
+                                     w_group=_head_group(name, module, head_w_group))
         elif isinstance(module, MatMul):
             layers[name] = LayerPlan("matmul", 0, a_bits, heads=heads[name])
     return QuantPlan(layers, RPN_TASK)
+
+
+HEADS = ("rpn_head", "roi_head")  # the modules whose weights head_w_group groups
+
+
+def _head_group(name: str, layer: nn.Module, group: int) -> int:
+    """``group`` for a head layer's weight (checked to divide its inputs), 0 for any other layer."""
+    if not group or name.split(".")[0] not in HEADS:
+        return 0
+    fan_in = layer.weight[0].numel()
+    if fan_in % group:
+        divisors = [g for g in (8, 16, 32, 64, 128) if fan_in % g == 0]
+        raise AphqError(f"head_w_group {group} does not divide the {fan_in} inputs of {name}; "
+                        f"choose one that divides every head layer's inputs (for this one: "
+                        f"{', '.join(map(str, divisors)) or 'none of 8-128'})")
+    return group
 
 
 def quantize_model(model: nn.Module, w_bits: int, a_bits: int) -> nn.Module:

@@ -128,7 +128,8 @@ def calibrate_layer(model: nn.Module, plan: QuantPlan, name: str, layer: nn.Modu
     fixed_zero = settings.fc2_zero and lp.relu_input
     s, z = search_rowwise(_flat(x), bits, eq_n=settings.eq_n, pct=settings.pct, fixed_zero=fixed_zero)
     layer.a_quant.set_params(s, z)
-    w = layer.weight.detach().reshape(layer.weight.shape[0], -1)
+    # One search row per output channel, or per group of a row (w_group).
+    w = layer.weight.detach().reshape(-1, layer.w_group or layer.weight[0].numel())
     ws, wz = search_rowwise(w, settings.w_bits, eq_n=settings.eq_n, pct=settings.pct)
     layer.w_quant.set_params(ws, wz)
 

@@ -55,6 +55,11 @@ class Quantizer(nn.Module):
 class _QuantWeight(nn.Module):
     """A layer whose weight is fake-quantized by ``w_quant``, computed once for as long as nothing changes.
 
+    ``w_quant`` sees the weight as :meth:`weight_groups` shapes it: one row
+    per output channel, or with ``w_group`` (beyond the published method)
+    each row cut into groups of ``w_group`` consecutive inputs (a conv's
+    inputs flattened with its kernel), one scale and zero point per group.
+
     Without gradients (evaluation, cache filling) the fake-quantized weight is
     the same for every input: it is kept, keyed by everything it follows
     from (the weight tensor and its in-place version, the quantizer and its
@@ -64,31 +69,48 @@ class _QuantWeight(nn.Module):
 
     weight: torch.Tensor
     w_quant: nn.Module
+    w_group: int = 0
+
+    def weight_groups(self, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """``weight`` (the layer's own by default) as its quantizer sees it; the same tensor without groups."""
+        w = self.weight if weight is None else weight
+        return w.reshape(w.shape[0], -1, self.w_group) if self.w_group else w
 
     def quantized_weight(self) -> torch.Tensor:
         q, w = self.w_quant, self.weight
         if getattr(q, "keep_quantized", 1.0) < 1 or (  # random (QDrop), or a gradient is wanted
                 torch.is_grad_enabled() and (w.requires_grad or any(t.requires_grad for t in q.parameters()))):
-            return q(w)
+            return q(self.weight_groups()).reshape(w.shape)
         state = [*q.parameters(), *q.buffers()]
         key = (id(q), w.data_ptr(), w._version, getattr(q, "bits", None), getattr(q, "enabled", None),
                *((t.data_ptr(), t._version) for t in state))
         cached = self.__dict__.get("_memo")
         if cached is None or cached[0] != key:
             with torch.no_grad():
-                cached = (key, q(w))
+                cached = (key, q(self.weight_groups()).reshape(w.shape))
             self.__dict__["_memo"] = cached  # not a buffer: never saved, never moved
         return cached[1]
 
 
-class QuantLinear(_QuantWeight):
-    """``linear(quant_in(x), quant_w(W), b)``; per-tensor input, per-output-channel weight."""
+def _weight_quantizer(weight: torch.Tensor, bits: int, group: int) -> Quantizer:
+    """Per output channel (broadcast against the weight), or per group of :meth:`_QuantWeight.weight_groups`."""
+    fan_in = weight[0].numel()
+    if not group:
+        return Quantizer(bits, (weight.shape[0],) + (1,) * (weight.dim() - 1))
+    if group < 1 or fan_in % group:
+        raise ValueError(f"a weight group of {group} does not divide the layer's {fan_in} inputs")
+    return Quantizer(bits, (weight.shape[0], fan_in // group, 1))
 
-    def __init__(self, linear: nn.Linear, w_bits: int, a_bits: int) -> None:
+
+class QuantLinear(_QuantWeight):
+    """``linear(quant_in(x), quant_w(W), b)``; per-tensor input, per-output-channel (or per-group) weight."""
+
+    def __init__(self, linear: nn.Linear, w_bits: int, a_bits: int, w_group: int = 0) -> None:
         super().__init__()
         self.weight, self.bias = linear.weight, linear.bias
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.w_quant = Quantizer(w_bits, (linear.out_features, 1))
+        self.w_group = w_group
+        self.w_quant = _weight_quantizer(linear.weight, w_bits, w_group)
         self.a_quant = Quantizer(a_bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -96,9 +118,9 @@ class QuantLinear(_QuantWeight):
 
 
 class QuantConv2d(_QuantWeight):
-    """``conv2d(quant_in(x), quant_w(W))``; per-tensor input, per-output-channel weight."""
+    """``conv2d(quant_in(x), quant_w(W))``; per-tensor input, per-output-channel (or per-group) weight."""
 
-    def __init__(self, conv: nn.Conv2d, w_bits: int, a_bits: int) -> None:
+    def __init__(self, conv: nn.Conv2d, w_bits: int, a_bits: int, w_group: int = 0) -> None:
         super().__init__()
         if conv.padding_mode != "zeros":
             raise ValueError(f"padding mode {conv.padding_mode!r} is not supported")
@@ -106,7 +128,8 @@ class QuantConv2d(_QuantWeight):
         self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.kernel_size = conv.kernel_size
-        self.w_quant = Quantizer(w_bits, (conv.out_channels, 1, 1, 1))
+        self.w_group = w_group
+        self.w_quant = _weight_quantizer(conv.weight, w_bits, w_group)
         self.a_quant = Quantizer(a_bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

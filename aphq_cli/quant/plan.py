@@ -35,6 +35,9 @@ class LayerPlan:
         pad_owner: the module that pads ``norm``'s output to whole windows; its
             ``pad_value`` takes the folded zero (qualified name), or None.
         relu_input: the input follows a ReLU, so it may take zero point 0.
+        w_group: 0, one weight scale and zero point per output channel (the
+            published method); else one per group of this many consecutive
+            inputs of each output channel (beyond it; the heads' option).
     """
 
     kind: LayerKind
@@ -44,6 +47,7 @@ class LayerPlan:
     norm: str | None = None
     pad_owner: str | None = None
     relu_input: bool = False
+    w_group: int = 0
 
 
 @dataclass(frozen=True)

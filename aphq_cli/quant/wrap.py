@@ -30,9 +30,9 @@ def apply_plan(model: nn.Module, plan: QuantPlan) -> nn.Module:
     """
     for name, lp in plan.layers.items():
         if lp.kind == "linear":
-            _set(model, name, QuantLinear(model.get_submodule(name), lp.w_bits, lp.a_bits))
+            _set(model, name, QuantLinear(model.get_submodule(name), lp.w_bits, lp.a_bits, lp.w_group))
         elif lp.kind == "conv":
-            _set(model, name, QuantConv2d(model.get_submodule(name), lp.w_bits, lp.a_bits))
+            _set(model, name, QuantConv2d(model.get_submodule(name), lp.w_bits, lp.a_bits, lp.w_group))
         elif lp.kind == "matmul":
             _set(model, name, QuantMatMul(lp.heads, lp.a_bits))
         else:
@@ -59,6 +59,8 @@ def quantization_map(model: nn.Module) -> dict[str, dict[str, int | str]]:
         else:
             kind = "linear" if isinstance(m, QuantLinear) else "conv"
             out[name] = {"kind": kind, "w_bits": m.w_quant.bits, "a_bits": m.a_quant.bits}
+            if m.w_group:  # only where set, so a map without groups reads as it always did
+                out[name]["w_group"] = m.w_group
     return out
 
 
@@ -78,13 +80,14 @@ def plan_from_map(qmap: object, layers: set[str] | None = None) -> QuantPlan:
         if not isinstance(entry, dict) or entry.get("kind") not in ("linear", "conv", "matmul"):
             raise ValueError(f"its quantization map entry for {name!r} is not a layer")
         bits = {k: entry.get(k) for k in ("w_bits", "a_bits")}
-        heads = entry.get("heads", 1)
+        heads, group = entry.get("heads", 1), entry.get("w_group", 0)
         matmul = entry["kind"] == "matmul"
-        ok = all(isinstance(v, int) and not isinstance(v, bool) for v in (*bits.values(), heads))
+        ok = all(isinstance(v, int) and not isinstance(v, bool) for v in (*bits.values(), heads, group))
         if not ok or not 2 <= bits["a_bits"] <= 8 or not (bits["w_bits"] == 0 if matmul else 2 <= bits["w_bits"] <= 8) \
-                or heads < 1:
-            raise ValueError(f"its quantization map gives {name!r} impossible bits {bits} or heads {heads!r}")
-        plans[name] = LayerPlan(entry["kind"], bits["w_bits"], bits["a_bits"], heads=heads)
+                or heads < 1 or group < 0 or (matmul and group):
+            raise ValueError(f"its quantization map gives {name!r} impossible bits {bits}, heads {heads!r} "
+                             f"or weight group {group!r}")
+        plans[name] = LayerPlan(entry["kind"], bits["w_bits"], bits["a_bits"], heads=heads, w_group=group)
     if layers is not None and set(plans) != layers:
         extra, missing = sorted(set(plans) - layers), sorted(layers - set(plans))
         example = f"it names {extra[0]}" if extra else f"it lacks {missing[0]}"
@@ -194,6 +197,6 @@ def _on_grid(model: nn.Module, quantizer_name: str) -> bool:
     q = model.get_submodule(quantizer_name)
     if not q.enabled:
         return False
-    weight = model.get_submodule(quantizer_name[: -len(".w_quant")]).weight.detach()
-    codes = weight / q.scale + q.zero_point  # scale and zero point broadcast per output channel
+    layer = model.get_submodule(quantizer_name[: -len(".w_quant")])
+    codes = layer.weight_groups().detach() / q.scale + q.zero_point  # broadcast per output channel (or group)
     return bool((codes - codes.round()).abs().max() < 1e-3)
