@@ -204,6 +204,11 @@ def calibrate_cmd(
     image_list: Optional[Path] = typer.Option(
         None, "--image-list", help="Text file of training image ids to calibrate on instead, one per line."),
     calib_split: Optional[str] = CalibSplitOpt,
+    head_w_group: Optional[int] = typer.Option(
+        None, "--head-w-group", metavar="N",
+        help="The RPN and RoI heads' weights get a scale and zero point per N inputs instead of per output "
+             "channel (beyond the paper; default 0: per channel, as published). N must divide each head "
+             "layer's inputs (32 does for the built-in models)."),
     checkpoint: Optional[Path] = CheckpointOpt,
     data: Optional[Path] = DataOpt,
     device: str = DeviceOpt,
@@ -216,7 +221,8 @@ def calibrate_cmd(
 
     run_stage(calibrate, "calibrate: layers", model=model, run=run, w_bits=w_bits, a_bits=a_bits,
               calib_images=calib_images, image_list=image_list, calib_split=calib_split, checkpoint=checkpoint,
-              data=data, device=device, force=force, trust_checkpoint=trust_checkpoint, quant_config=quant_config)
+              data=data, device=device, force=force, trust_checkpoint=trust_checkpoint, quant_config=quant_config,
+              settings=None if head_w_group is None else {"head_w_group": head_w_group})
 
 
 @app.command("mlp-recon")

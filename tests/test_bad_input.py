@@ -183,6 +183,16 @@ def test_bit_widths_out_of_range(tmp_path, command):
     assert not run.exists()
 
 
+def test_a_head_weight_group_that_fits_no_head_layer_leaves_the_run_as_it_was(setup):
+    _, run, ckpt, data = setup
+    before = _snapshot(run)
+    result = CliRunner().invoke(app, ["calibrate", "--run", str(run), "--head-w-group", "7", *FAST,
+                                      "--checkpoint", str(ckpt), "--data", str(data)])
+    _one_sentence(result, "head_w_group 7 does not divide the 576 inputs of rpn_head.rpn_conv",
+                  "choose 8, 16, 32, 64")
+    assert _snapshot(run) == before
+
+
 @pytest.mark.parametrize("command", [["mlp-recon"], ["calibrate", *FAST], ["demo"]])
 def test_unwritable_run_folder(setup, tmp_path, command):
     blocker = tmp_path / "file"
@@ -385,6 +395,7 @@ def test_one_writer_per_run_folder(setup, tmp_path):
     ('eq_n = "abc"', "calibrate setting eq_n must be an integer, got 'abc'"),
     ('reparam = "no"', "calibrate setting reparam must be true or false, got 'no'"),
     ("pct = 2.0", "pct must be in (0.5, 1], got 2.0"),
+    ("head_w_group = -4", "head_w_group must be 0 (per output channel) or a group size, got -4"),
 ])
 def test_quant_config_values_of_the_wrong_type_or_range(setup, tmp_path, setting, message):
     """#22 item 7: every value of a --quant-config file is checked when read; nothing is written."""

@@ -75,6 +75,8 @@ def detector_plan(model: nn.Module, w_bits: int, a_bits: int, head_w_group: int 
              for m in ("matmul_qk", "matmul_av")}
     relu_fc2 = {f"{n}.fc2" for n, mod in model.named_modules() if isinstance(mod, Mlp)
                 and isinstance(mod.act, nn.ReLU)}
+    if head_w_group:
+        _check_head_group(model, head_w_group)
     layers: dict[str, LayerPlan] = {}
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
@@ -82,11 +84,11 @@ def detector_plan(model: nn.Module, w_bits: int, a_bits: int, head_w_group: int 
             pads = norm is not None and padding_block(model, norm) is not None
             pad_owner = norm.rpartition(".")[0] if pads else None
             layers[name] = LayerPlan("linear", w_bits, a_bits, norm=norm, pad_owner=pad_owner,
-                                     relu_input=name in relu_fc2, w_group=_head_group(name, module, head_w_group))
+                                     relu_input=name in relu_fc2, w_group=_head_group(name, head_w_group))
         elif isinstance(module, nn.Conv2d):
             image = name.endswith("patch_embed.proj")
             layers[name] = LayerPlan("conv", w_bits, IMAGE_BITS if image else a_bits,
-                                     w_group=_head_group(name, module, head_w_group))
+                                     w_group=_head_group(name, head_w_group))
         elif isinstance(module, MatMul):
             layers[name] = LayerPlan("matmul", 0, a_bits, heads=heads[name])
     return QuantPlan(layers, RPN_TASK)
@@ -95,17 +97,20 @@ def detector_plan(model: nn.Module, w_bits: int, a_bits: int, head_w_group: int 
 HEADS = ("rpn_head", "roi_head")  # the modules whose weights head_w_group groups
 
 
-def _head_group(name: str, layer: nn.Module, group: int) -> int:
-    """``group`` for a head layer's weight (checked to divide its inputs), 0 for any other layer."""
-    if not group or name.split(".")[0] not in HEADS:
-        return 0
-    fan_in = layer.weight[0].numel()
-    if fan_in % group:
-        divisors = [g for g in (8, 16, 32, 64, 128) if fan_in % g == 0]
-        raise AphqError(f"head_w_group {group} does not divide the {fan_in} inputs of {name}; "
-                        f"choose one that divides every head layer's inputs (for this one: "
-                        f"{', '.join(map(str, divisors)) or 'none of 8-128'})")
-    return group
+def _check_head_group(model: nn.Module, group: int) -> None:
+    """Refuse a ``head_w_group`` that does not divide every head layer's inputs, naming one that does."""
+    fan_in = {n: m.weight[0].numel() for n, m in model.named_modules()
+              if isinstance(m, (nn.Linear, nn.Conv2d)) and n.split(".")[0] in HEADS}
+    bad = next((n for n, k in fan_in.items() if k % group), None)
+    if bad is not None:
+        fits = [g for g in (8, 16, 32, 64, 128, 256) if all(k % g == 0 for k in fan_in.values())]
+        raise AphqError(f"head_w_group {group} does not divide the {fan_in[bad]} inputs of {bad}; "
+                        f"for this model choose {', '.join(map(str, fits)) or 'a common divisor of its head layers'}")
+
+
+def _head_group(name: str, group: int) -> int:
+    """``group`` for a head layer's weight, 0 for any other layer."""
+    return group if name.split(".")[0] in HEADS else 0
 
 
 def quantize_model(model: nn.Module, w_bits: int, a_bits: int) -> nn.Module:

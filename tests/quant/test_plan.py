@@ -77,3 +77,31 @@ def test_quantization_code_imports_without_models_or_mmdetection():
 def test_a_plan_with_an_unknown_kind_is_refused():
     with pytest.raises(ValueError, match="unknown layer kind"):
         apply_plan(Toy(), QuantPlan({"fc": LayerPlan("lstm", 4, 4)}))
+
+
+def test_grouped_weights_go_into_the_map_and_come_back():
+    plan = QuantPlan({"conv": LayerPlan("conv", 4, 4, w_group=9), "fc": LayerPlan("linear", 4, 4, w_group=2),
+                      "mm": LayerPlan("matmul", 0, 4)})
+    model = apply_plan(Toy(), plan)
+    assert model.conv.w_quant.scale.shape == (4, 3, 1)  # 3 inputs x 3 x 3 kernel = 27, in groups of 9
+    assert model.fc.w_quant.scale.shape == (4, 2, 1)
+    qmap = quantization_map(model)
+    assert qmap["fc"] == {"kind": "linear", "w_bits": 4, "a_bits": 4, "w_group": 2}
+    assert plan_from_map(qmap).layers == plan.layers
+    assert "w_group" not in quantization_map(apply_plan(Toy(), PLAN))["fc"]  # ungrouped maps read as before
+
+
+@pytest.mark.parametrize("entry", [
+    {"kind": "linear", "w_bits": 4, "a_bits": 4, "w_group": -2},
+    {"kind": "linear", "w_bits": 4, "a_bits": 4, "w_group": True},
+    {"kind": "linear", "w_bits": 4, "a_bits": 4, "w_group": "32"},
+    {"kind": "matmul", "w_bits": 0, "a_bits": 4, "heads": 2, "w_group": 4},
+])
+def test_a_map_with_an_impossible_weight_group_is_refused(entry):
+    with pytest.raises(ValueError, match="weight group"):
+        plan_from_map({"fc": entry})
+
+
+def test_a_weight_group_that_does_not_divide_the_inputs_is_refused():
+    with pytest.raises(ValueError, match="a weight group of 3 does not divide the layer's 4 inputs"):
+        apply_plan(Toy(), QuantPlan({"fc": LayerPlan("linear", 4, 4, w_group=3)}))

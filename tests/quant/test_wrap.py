@@ -92,6 +92,52 @@ def test_enabled_quantizer_matches_the_primitive():
     assert torch.equal(lin(x), expected)
 
 
+@pytest.mark.parametrize("layer", [nn.Linear(18, 3), nn.Conv2d(2, 3, 3, padding=1)])
+def test_grouped_weights_are_quantized_group_by_group(layer):
+    """Each run of 6 inputs of a row (a conv's channels and kernel flattened) on its own grid, by a plain loop."""
+    torch.manual_seed(0)
+    layer.weight.data.normal_()
+    q = QuantLinear(layer, 4, 4, w_group=6) if isinstance(layer, nn.Linear) else QuantConv2d(layer, 4, 4, w_group=6)
+    scale, zero = torch.rand(3, 3) * 0.2 + 0.05, torch.randint(4, 12, (3, 3)).float()
+    q.w_quant.set_params(scale, zero)
+    rows = layer.weight.detach().reshape(3, 18)
+    expected = torch.stack([torch.cat([fake_quantize(rows[o, 6 * g: 6 * g + 6], scale[o, g], zero[o, g], 4)
+                                       for g in range(3)]) for o in range(3)]).reshape(layer.weight.shape)
+    assert torch.equal(q.quantized_weight(), expected)
+
+
+def test_the_search_gives_each_weight_group_its_own_range():
+    """calibrate_layer on a grouped layer: every group gets what the search finds for that group alone."""
+    from aphq_cli.quant.calib import calibrate_layer, InputRecorder, SearchSettings
+    from aphq_cli.quant.plan import LayerPlan, QuantPlan
+
+    torch.manual_seed(0)
+    fc = nn.Linear(16, 2)
+    fc.weight.data[:, 8:] *= 20  # the second group of each row is wide: a per-row scale would flatten the first
+    layer = QuantLinear(fc, 4, 4, w_group=8)
+    recorder = InputRecorder({"fc": layer}, 1000, 8, 1)
+    recorder.rows["fc"] = [torch.randn(50, 16)]
+    plan = QuantPlan({"fc": LayerPlan("linear", 4, 4, w_group=8)})
+    calibrate_layer(nn.Module(), plan, "fc", layer, recorder, SearchSettings(eq_n=16, reparam=False))
+    for o in range(2):
+        for g in range(2):
+            s, z = search_rowwise(fc.weight.detach()[o:o + 1, 8 * g: 8 * g + 8], 4, eq_n=16)
+            assert torch.equal(layer.w_quant.scale[o, g], s.reshape(1)) and torch.equal(layer.w_quant.zero_point[o, g],
+                                                                                        z.reshape(1))
+    assert layer.w_quant.scale[:, 1].min() > 5 * layer.w_quant.scale[:, 0].max()
+
+
+def test_keep_float_sees_grouped_weights_on_their_grid():
+    fc = QuantLinear(nn.Linear(8, 2), 4, 4, w_group=4)
+    fc.w_quant.set_params(torch.full((2, 2), 0.1), torch.full((2, 2), 8.0))
+    fc.a_quant.set_params(torch.tensor(0.1), torch.tensor(8.0))
+    model = nn.ModuleDict({"head": fc})
+    with torch.no_grad():
+        fc.weight.copy_(fc.quantized_weight())  # rounded, as reconstruct leaves it
+    with pytest.raises(ValueError, match="hold their quantized values"):
+        keep_float(model, ["head"])
+
+
 def _calibrated_backbone() -> nn.Module:
     """A small quantized Swin under ``backbone`` with every quantizer on (as calibration leaves it)."""
     model = quantize_model(nn.ModuleDict({"backbone": APHQSwinTransformer(

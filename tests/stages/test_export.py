@@ -82,3 +82,31 @@ def test_the_model_config_keeps_its_tuples_through_the_export_header():
     assert back == original and back["data"]["test"]["pipeline"][1]["img_scale"] == (1333, 800)
     Compose(back["data"]["test"]["pipeline"])  # refused before: a list of two ints is no list of scales
     assert config_from_json({"a": [1, 2]}) == {"a": [1, 2]}  # an older export's lists stay lists
+
+
+def test_grouped_head_weights_survive_calibrate_export_and_reload(tmp_path, synth_dir, random_tiny_checkpoint):
+    """head_w_group: the run, its export and the export's reload give the same predictions; the groups are recorded."""
+    run = tmp_path / "run"
+    calibrate(model="tiny-mask-rcnn", run=run, checkpoint=random_tiny_checkpoint, data=synth_dir, calib_images=1,
+              settings={"eq_n": 16, "matmul_eq_n": 4, "search_round": 1, "max_windows": 8, "head_w_group": 32})
+    path = export(run=run, out=tmp_path / "model.safetensors").path
+    quantized, source, _ = load_stage(run)
+    reloaded, _, header = load_export(path)
+    fc = "roi_head.bbox_head.shared_fcs.0"
+    assert header.config["quantization_map"][fc]["w_group"] == 32
+    assert header.config["manifest"][f"w:{fc}"]["group"] == 32
+    assert reloaded.get_submodule(fc).w_quant.scale.shape == (256, 3136 // 32, 1)
+    assert "w_group" not in header.config["quantization_map"]["neck.fpn_convs.0.conv"]  # the neck: per channel
+    dataset = source.dataset("test", limit=2)
+    for (a_box, a_seg), (b_box, b_seg) in zip(run_inference(quantized, dataset, device="cpu"),
+                                              run_inference(reloaded, dataset, device="cpu")):
+        assert all(np.array_equal(x, y) for x, y in zip(a_box, b_box))
+        assert a_seg == b_seg
+
+
+def test_a_head_w_group_that_fits_no_head_layer_writes_nothing(tmp_path, synth_dir, random_tiny_checkpoint):
+    run = tmp_path / "run"
+    with pytest.raises(AphqError, match="head_w_group 7 does not divide"):
+        calibrate(model="tiny-mask-rcnn", run=run, checkpoint=random_tiny_checkpoint, data=synth_dir,
+                  calib_images=1, settings={"head_w_group": 7})
+    assert not (run / "calibrate.safetensors").exists()

@@ -280,6 +280,37 @@ def test_images_are_taken_in_order():
     assert asked[::2] == [0, 1, 2, 0, 1, 2, 0, 1]
 
 
+def test_grouped_weights_are_rounded_onto_their_groups_grid():
+    """A layer with weight groups reconstructs, and ends with every weight on its own group's grid."""
+    from aphq_cli.quant.modules import QuantLinear
+    from aphq_cli.quant.wrap import _on_grid
+    from stages.reconstruct import reconstruct_unit
+
+    torch.manual_seed(0)
+    unit = torch.nn.Sequential(QuantLinear(torch.nn.Linear(8, 3), 4, 4, w_group=4))
+    unit[0].weight.data[:, 4:] *= 10
+    unit[0].w_quant.set_params(torch.tensor([[0.05, 0.5]] * 3), torch.full((3, 2), 8.0))
+    unit[0].a_quant.set_params(torch.tensor(0.1), torch.tensor(8.0))
+    before = unit[0].weight.detach().clone()
+
+    class Caches:
+        count = 2
+
+        def fp_in(self, k, i):
+            return torch.randn(4, 8)
+
+        q_in = fp_in
+
+        def target(self, k, i):
+            return torch.randn(4, 3)
+
+    reconstruct_unit(unit, Caches(), 0, lambda i: None, ReconstructConfig(iters=5), seed=0)
+    assert unit[0].weight.shape == before.shape
+    assert _on_grid(unit, "0.w_quant")
+    steps = (unit[0].weight - before).abs()
+    assert steps[:, :4].max() < 0.05 and steps[:, 4:].max() < 0.5  # within one step of each group's own grid
+
+
 def _small_block():
     """A shifted-window Swin block (dim 16, 2 heads, window 4, shift 2) quantized W4/A4 and min/max-calibrated,
     with two inputs, the float block's outputs for them and an APH map for each."""
