@@ -28,6 +28,14 @@ def test_published_preset_matches_method_section_8():
     assert MlpReconConfig(**sections["mlp_recon"]).images == 256
 
 
+def test_the_heads_preset_is_the_published_one_plus_reconstructed_and_grouped_heads():
+    published, heads = load_quant_config("4bit")[1], load_quant_config("4bit-heads")[1]
+    assert CalibrateConfig(**heads["calibrate"]) == CalibrateConfig(**published["calibrate"], head_w_group=32)
+    assert ReconstructConfig(**heads["reconstruct"]) == ReconstructConfig(**published["reconstruct"], heads=True)
+    assert heads["mlp_recon"] == published["mlp_recon"]
+    assert CalibrateConfig(**published["calibrate"]).head_w_group == 0  # the published grid
+
+
 def test_toml_and_yaml_give_the_same_settings(tmp_path):
     (tmp_path / "q.toml").write_text('w_bits = 3\n[reconstruct]\nloss = "mse"\niters = 7\n')
     (tmp_path / "q.yaml").write_text("w_bits: 3\nreconstruct:\n  loss: mse\n  iters: 7\n")
