@@ -22,7 +22,16 @@ from aphq_cli.quant.primitives import dequantize
 from aphq_cli.quant.wrap import apply_plan
 from aphq_cli.runs import apply_params, saved_plan
 
+# 2: some layer's weights are grouped (a quantization map entry with ``w_group``), which a reader of
+# format 1 would misread; an export with none is written as format 1, byte for byte as before.
 EXPORT_FORMAT = 1
+GROUPED_EXPORT_FORMAT = 2
+READS = (EXPORT_FORMAT, GROUPED_EXPORT_FORMAT)
+
+
+def export_format(qmap: dict) -> int:
+    """The format number an export of this quantization map is written with."""
+    return GROUPED_EXPORT_FORMAT if any(e.get("w_group") for e in qmap.values()) else EXPORT_FORMAT
 TUPLE = "__tuple__"  # how a tuple of the model config is kept in the export's JSON header
 
 
@@ -69,8 +78,9 @@ def load_export(path: Path, device="cpu"):
     """
     tensors, header = load_artifact(path, stage="export")
     made = ExportRecord.from_dict(header.config, path)
-    if made.export_format != EXPORT_FORMAT:
-        raise AphqError(f"{path} is export format {made.export_format}, this aphq reads {EXPORT_FORMAT}")
+    if made.export_format not in READS:
+        raise AphqError(f"{path} is export format {made.export_format}, this aphq reads "
+                        f"{' and '.join(map(str, READS))}")
     cfg = Config(config_from_json(made.mmdet_config))
     detector = build_model(cfg)
     relu_mlps(detector, made.relu_mlp_blocks)
@@ -91,8 +101,11 @@ def load_export(path: Path, device="cpu"):
             if entry.get("bits") != q.bits:
                 raise AphqError(f"{path} is inconsistent: {name}'s packed weights are {entry.get('bits')}-bit, "
                                 f"its quantization map says {q.bits}")
-            scale = tensors[f"w:{name}.scale"].reshape(q.scale.shape)
-            zero = tensors[f"w:{name}.zero_point"].float().reshape(q.zero_point.shape)
+            scale, zero = tensors[f"w:{name}.scale"], tensors[f"w:{name}.zero_point"].float()
+            if scale.numel() != q.scale.numel() or zero.numel() != q.scale.numel():
+                raise AphqError(f"{path} is inconsistent: {name} has {scale.numel()} weight scales and "
+                                f"{zero.numel()} zero points, its quantization map implies {q.scale.numel()}")
+            scale, zero = scale.reshape(q.scale.shape), zero.reshape(q.zero_point.shape)
             codes = layer.weight_groups(unpack(tensors[f"w:{name}"], q.bits, shape))
             layer.weight.copy_(dequantize(codes, scale, zero).reshape(shape))
             q.set_params(scale, zero)

@@ -54,6 +54,7 @@ def map_summary(qmap: dict) -> str:
     for name, entry in qmap.items():
         bits = f"A{entry.get('a_bits')}"
         key = bits if entry.get("kind") == "matmul" else f"W{entry.get('w_bits')}{bits}"
+        key += f" g{entry['w_group']}" if entry.get("w_group") else ""  # weights grouped per that many inputs
         groups.setdefault(key, []).append(name)
     lines = []
     for key, names in sorted(groups.items(), key=lambda kv: -len(kv[1])):

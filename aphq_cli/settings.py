@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import fields
+from dataclasses import asdict, fields
 from typing import Any, TypeVar, get_type_hints
 
 from aphq_cli.errors import AphqError
@@ -88,3 +88,22 @@ def resolve_settings(cls: type[T], cfg, stage: str, overrides: dict, file_values
     values.update(file_values or {})
     values.update({k: v for k, v in overrides.items() if v is not None})
     return settings_from_dict(cls, values, stage)
+
+
+# Field metadata of a setting added after artifacts were already being written: at its default it is
+# left out of the record, so those artifacts' settings (and the cache key made from them) stay the same.
+ADDED_LATER = {"added_later": True}
+
+
+def settings_record(config) -> dict:
+    """``asdict(config)`` without the :data:`ADDED_LATER` fields that are at their default.
+
+    What a stage records in its header and keys its cache on: a run made
+    before such a setting existed, and its rerun with the setting at its
+    default, are the same settings.
+    """
+    record = asdict(config)
+    for f in fields(config):
+        if f.metadata.get("added_later") and record[f.name] == f.default:
+            del record[f.name]
+    return record

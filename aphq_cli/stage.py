@@ -20,14 +20,14 @@ stage returns a :class:`StageResult`.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 from aphq_cli.artifacts import is_current, save_artifact, sha256_json
 from aphq_cli.quantconfig import stage_settings
 from aphq_cli.runs import ModelSource, prepare_run, stage_path
-from aphq_cli.settings import resolve_settings, settings_from_dict
+from aphq_cli.settings import resolve_settings, settings_from_dict, settings_record
 
 
 class StageResult(NamedTuple):
@@ -101,7 +101,8 @@ class StageRun:
 
 def open_stage(spec: StageSpec, *, run: Path, source: Callable[[], ModelSource], overrides: dict,
                quant_config: str | Path | None, images: Callable[[ModelSource, Any], Any],
-               upstream: Callable[[], dict[str, str]] | None = None, force: bool = False) -> StageRun:
+               upstream: Callable[[], dict[str, str]] | None = None, force: bool = False,
+               check: Callable[[ModelSource, Any], None] | None = None) -> StageRun:
     """The prologue every stage with settings shares (see the module docstring).
 
     Args:
@@ -111,6 +112,8 @@ def open_stage(spec: StageSpec, *, run: Path, source: Callable[[], ModelSource],
         upstream: returns the fingerprints of the earlier artifacts this stage
             starts from (``{"calibrate": ...}``), part of the cache key; called
             once the run folder is this process's.
+        check: ``(source, settings)``, raises if the settings cannot fit the
+            model; called before the run folder is made or touched.
     """
     label, file_values = stage_settings(quant_config, spec.name)
     # Fail fast, before anything is opened (the model's defaults may take a dataset's generation, and
@@ -118,8 +121,11 @@ def open_stage(spec: StageSpec, *, run: Path, source: Callable[[], ModelSource],
     settings_from_dict(spec.settings, file_values | overrides, spec.name)
     opened = source()
     config = resolve_settings(spec.settings, opened.cfg, spec.name, overrides, file_values)
+    if check is not None:
+        check(opened, config)
     dataset = images(opened, config)
     out = stage_path(prepare_run(run), spec.name)
     opened.check_run(run)
-    inputs = opened.fingerprints(dataset) | {"options": sha256_json(asdict(config))} | (upstream() if upstream else {})
+    inputs = opened.fingerprints(dataset) | {"options": sha256_json(settings_record(config))} | (
+        upstream() if upstream else {})
     return StageRun(spec, out, inputs, opened.spec.name, force, opened, config, dataset, label, Path(run))

@@ -10,7 +10,7 @@ rebuild the quantized model without calibrating again.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,11 +19,12 @@ from aphq_cli.artifacts import sha256_file
 from aphq_cli.data.coco import check_calib_split
 from aphq_cli.errors import AphqError
 from aphq_cli.headers import StageRecord
-from aphq_cli.models.plan import detector_plan
+from aphq_cli.models.plan import check_head_group, detector_plan
+from aphq_cli.models.zoo import build_model
 from aphq_cli.quant.calib import SearchSettings, calibrate_model
 from aphq_cli.quant.wrap import apply_plan, quantization_map
 from aphq_cli.runs import ModelSource, quantized_tensors, read_stage, stage_path, writes_run
-from aphq_cli.settings import resolve_settings, with_arguments
+from aphq_cli.settings import ADDED_LATER, resolve_settings, settings_record, with_arguments
 from aphq_cli.stage import StageResult, StageSpec, open_stage
 
 STAGE = "calibrate"
@@ -51,7 +52,7 @@ class CalibrateConfig(SearchSettings):
 
     calib_images: int = 1
     calib_split: str = "train"
-    head_w_group: int = 0
+    head_w_group: int = field(default=0, metadata=ADDED_LATER)
     version: int = field(default=CONFIG_VERSION)
 
     def __post_init__(self) -> None:
@@ -104,12 +105,13 @@ def calibrate(*, model: str, run: Path, w_bits: int | None = None, a_bits: int |
         source=lambda: ModelSource.open(model, checkpoint, data, trust_checkpoint=trust_checkpoint),
         images=lambda source, config: source.calibration_dataset(
             config.calib_split, **({"image_ids": ids} if ids else {"limit": config.calib_images})),
-        upstream=(lambda: {"mlp_recon": sha256_file(mlp)}) if mlp is not None else None)
+        upstream=(lambda: {"mlp_recon": sha256_file(mlp)}) if mlp is not None else None, check=_fits_model)
     config, out = stage.config, stage.out
     if out.is_file() and not force:
         old = read_stage(run, STAGE)[1]
-        if (old.w_bits, old.a_bits) != (config.w_bits, config.a_bits):
-            raise AphqError(f"{out} holds W{old.w_bits}A{old.a_bits}, not W{config.w_bits}A{config.a_bits}; "
+        held = _grid(old.w_bits, old.a_bits, old.calibrate.get("head_w_group", 0))
+        if held != _grid(config.w_bits, config.a_bits, config.head_w_group):
+            raise AphqError(f"{out} holds {held}, not {_grid(config.w_bits, config.a_bits, config.head_w_group)}; "
                             "use another --run folder, or --force to replace it (later stages go stale)")
     if stage.current:
         return stage.reused()
@@ -117,8 +119,19 @@ def calibrate(*, model: str, run: Path, w_bits: int | None = None, a_bits: int |
     detector, params_before = build_calibrated(stage.source, config, stage.dataset, device, mlp_recon=mlp,
                                                progress=progress)
     return stage.save(quantized_tensors(detector, params_before), StageRecord(
-        **stage.header(), calibrate=asdict(config), mlp_recon_artifact=str(mlp.resolve()) if mlp else "",
+        **stage.header(), calibrate=settings_record(config), mlp_recon_artifact=str(mlp.resolve()) if mlp else "",
         quant_config=stage.quant_config, quantization_map=quantization_map(detector)).to_dict())
+
+
+def _grid(w_bits: int, a_bits: int, head_w_group: int) -> str:
+    """What a calibration's integer grid is called: its bits, and its head weights' groups if any."""
+    return f"W{w_bits}A{a_bits}" + (f" with head weights in groups of {head_w_group}" if head_w_group else "")
+
+
+def _fits_model(source, config: CalibrateConfig) -> None:
+    """Refuse a ``head_w_group`` the model's head layers cannot take, before the run folder is touched."""
+    if config.head_w_group:
+        check_head_group(build_model(source.cfg), config.head_w_group)
 
 
 def read_image_list(path: Path) -> list[int]:

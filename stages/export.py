@@ -16,7 +16,7 @@ from torch import nn
 
 from aphq_cli.artifacts import sha256_file
 from aphq_cli.errors import AphqError
-from aphq_cli.exports import EXPORT_FORMAT, config_to_json, weight_layers
+from aphq_cli.exports import config_to_json, export_format, weight_layers
 from aphq_cli.headers import ExportRecord
 from aphq_cli.quant.modules import quantizers
 from aphq_cli.quant.packing import pack
@@ -91,7 +91,7 @@ def export(*, run: Path, out: Path, stage: str | None = None, trust_checkpoint: 
     relu = sorted(n[: -len(".mlp.act")] for n, m in detector.named_modules()
                   if n.endswith(".mlp.act") and isinstance(m, nn.ReLU))
     return written.save(tensors, ExportRecord(
-        export_format=EXPORT_FORMAT, model=made.model, data=made.data, source_stage=stage,
+        export_format=export_format(quantization_map(detector)), model=made.model, data=made.data, source_stage=stage,
         calib_split=made.protocol, w_bits=made.w_bits, a_bits=made.a_bits, relu_mlp_blocks=relu,
         quantization_map=quantization_map(detector),
         mmdet_config=config_to_json(source.cfg._cfg_dict.to_dict()),

@@ -183,6 +183,15 @@ def test_bit_widths_out_of_range(tmp_path, command):
     assert not run.exists()
 
 
+def test_another_head_weight_grid_in_the_same_run_needs_force(setup):
+    _, run, ckpt, data = setup
+    before = _snapshot(run)
+    result = CliRunner().invoke(app, ["calibrate", "--run", str(run), "--head-w-group", "32", *FAST,
+                                      "--checkpoint", str(ckpt), "--data", str(data)])
+    _one_sentence(result, "holds W4A4, not W4A4 with head weights in groups of 32", "--force")
+    assert _snapshot(run) == before
+
+
 def test_a_head_weight_group_that_fits_no_head_layer_leaves_the_run_as_it_was(setup):
     _, run, ckpt, data = setup
     before = _snapshot(run)

@@ -30,3 +30,16 @@ def test_values_are_checked_against_the_field_types():
         with pytest.raises(AphqError) as err:
             check_values(ReconstructConfig, values, "reconstruct")
         assert message in str(err.value)
+
+
+def test_a_setting_added_later_is_left_out_of_the_record_at_its_default():
+    """Runs made before head_w_group existed keep their settings and cache key; a set value is recorded."""
+    from dataclasses import asdict
+
+    from aphq_cli.settings import settings_record
+    from stages.calibrate import CalibrateConfig
+
+    default = settings_record(CalibrateConfig())
+    assert "head_w_group" not in default
+    assert default == {k: v for k, v in asdict(CalibrateConfig()).items() if k != "head_w_group"}
+    assert settings_record(CalibrateConfig(head_w_group=32))["head_w_group"] == 32

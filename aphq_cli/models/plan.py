@@ -76,7 +76,7 @@ def detector_plan(model: nn.Module, w_bits: int, a_bits: int, head_w_group: int 
     relu_fc2 = {f"{n}.fc2" for n, mod in model.named_modules() if isinstance(mod, Mlp)
                 and isinstance(mod.act, nn.ReLU)}
     if head_w_group:
-        _check_head_group(model, head_w_group)
+        check_head_group(model, head_w_group)
     layers: dict[str, LayerPlan] = {}
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
@@ -97,10 +97,13 @@ def detector_plan(model: nn.Module, w_bits: int, a_bits: int, head_w_group: int 
 HEADS = ("rpn_head", "roi_head")  # the modules whose weights head_w_group groups
 
 
-def _check_head_group(model: nn.Module, group: int) -> None:
-    """Refuse a ``head_w_group`` that does not divide every head layer's inputs, naming one that does."""
+def check_head_group(model: nn.Module, group: int) -> None:
+    """Refuse a ``head_w_group`` that does not divide every head layer's inputs (naming sizes that do),
+    or a model with no ``rpn_head`` or ``roi_head`` layer for it to group."""
     fan_in = {n: m.weight[0].numel() for n, m in model.named_modules()
               if isinstance(m, (nn.Linear, nn.Conv2d)) and n.split(".")[0] in HEADS}
+    if not fan_in:
+        raise AphqError(f"head_w_group {group} names no layer of this model: it has no {' or '.join(HEADS)}")
     bad = next((n for n, k in fan_in.items() if k % group), None)
     if bad is not None:
         fits = [g for g in (8, 16, 32, 64, 128, 256) if all(k % g == 0 for k in fan_in.values())]

@@ -27,3 +27,12 @@ def test_a_head_w_group_that_does_not_divide_a_head_layer_is_refused_by_name(det
     with pytest.raises(AphqError, match=r"head_w_group 128 does not divide the 576 inputs of rpn_head\.rpn_conv; "
                                         r"for this model choose 8, 16, 32, 64$"):
         detector_plan(detector, 4, 4, head_w_group=128)
+
+
+def test_a_head_w_group_for_a_model_without_heads_is_refused():
+    from torch import nn
+
+    from aphq_cli.models.plan import check_head_group
+
+    with pytest.raises(AphqError, match="head_w_group 32 names no layer of this model: it has no rpn_head or roi_head"):
+        check_head_group(nn.ModuleDict({"bbox_head": nn.Linear(64, 4)}), 32)

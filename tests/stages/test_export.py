@@ -93,6 +93,7 @@ def test_grouped_head_weights_survive_calibrate_export_and_reload(tmp_path, synt
     quantized, source, _ = load_stage(run)
     reloaded, _, header = load_export(path)
     fc = "roi_head.bbox_head.shared_fcs.0"
+    assert header.config["export_format"] == 2  # a format-1 reader would take the groups for channels
     assert header.config["quantization_map"][fc]["w_group"] == 32
     assert header.config["manifest"][f"w:{fc}"]["group"] == 32
     assert reloaded.get_submodule(fc).w_quant.scale.shape == (256, 3136 // 32, 1)
@@ -104,9 +105,27 @@ def test_grouped_head_weights_survive_calibrate_export_and_reload(tmp_path, synt
         assert a_seg == b_seg
 
 
-def test_a_head_w_group_that_fits_no_head_layer_writes_nothing(tmp_path, synth_dir, random_tiny_checkpoint):
+def test_a_head_w_group_that_fits_no_head_layer_makes_no_run_folder(tmp_path, synth_dir, random_tiny_checkpoint):
     run = tmp_path / "run"
     with pytest.raises(AphqError, match="head_w_group 7 does not divide"):
         calibrate(model="tiny-mask-rcnn", run=run, checkpoint=random_tiny_checkpoint, data=synth_dir,
                   calib_images=1, settings={"head_w_group": 7})
-    assert not (run / "calibrate.safetensors").exists()
+    assert not run.exists()
+
+
+def test_an_export_whose_weight_scales_do_not_fit_its_map_is_refused(exported, monkeypatch):
+    """A grouped map over per-channel scales (a foreign writer's file): one sentence, not a reshape error."""
+    import aphq_cli.exports as exports
+
+    _, path = exported
+    real = exports.load_artifact
+
+    def grouped_map(*args, **kwargs):  # the file as such a writer would make it, digests and all
+        tensors, header = real(*args, **kwargs)
+        header.config["quantization_map"]["roi_head.bbox_head.fc_cls"]["w_group"] = 32
+        return tensors, header
+
+    monkeypatch.setattr(exports, "load_artifact", grouped_map)
+    with pytest.raises(AphqError, match=r"is inconsistent: roi_head\.bbox_head\.fc_cls has 8 weight scales and 8 "
+                                        r"zero points, its quantization map implies 64"):
+        load_export(path)
