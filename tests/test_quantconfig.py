@@ -28,9 +28,9 @@ def test_published_preset_matches_method_section_8():
     assert MlpReconConfig(**sections["mlp_recon"]).images == 256
 
 
-def test_the_heads_preset_is_the_published_one_plus_reconstructed_and_grouped_heads():
+def test_the_heads_preset_is_the_published_one_plus_reconstructed_heads():
     published, heads = load_quant_config("4bit")[1], load_quant_config("4bit-heads")[1]
-    assert CalibrateConfig(**heads["calibrate"]) == CalibrateConfig(**published["calibrate"], head_w_group=32)
+    assert CalibrateConfig(**heads["calibrate"]) == CalibrateConfig(**published["calibrate"])
     assert ReconstructConfig(**heads["reconstruct"]) == ReconstructConfig(**published["reconstruct"], heads=True)
     assert heads["mlp_recon"] == published["mlp_recon"]
     assert CalibrateConfig(**published["calibrate"]).head_w_group == 0  # the published grid
