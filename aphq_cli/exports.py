@@ -19,8 +19,7 @@ from aphq_cli.models.zoo import build_model
 from aphq_cli.quant.modules import QuantConv2d, QuantLinear, quantizers
 from aphq_cli.quant.packing import unpack
 from aphq_cli.quant.primitives import dequantize
-from aphq_cli.quant.wrap import apply_plan
-from aphq_cli.runs import apply_params, saved_plan
+from aphq_cli.runs import apply_params, apply_saved_plan
 
 # 2: some layer's weights are grouped (a quantization map entry with ``w_group``), which a reader of
 # format 1 would misread; an export with none is written as format 1, byte for byte as before.
@@ -84,7 +83,7 @@ def load_export(path: Path, device="cpu"):
     cfg = Config(config_from_json(made.mmdet_config))
     detector = build_model(cfg)
     relu_mlps(detector, made.relu_mlp_blocks)
-    apply_plan(detector, saved_plan(detector, made, path))
+    apply_saved_plan(detector, made, path)
     layers = weight_layers(detector)
     expected = {f"w:{n}" for n in layers}
     found = {k for k in tensors if k.startswith("w:") and not k.endswith((".scale", ".zero_point"))}

@@ -410,22 +410,19 @@ def quantized_tensors(detector, params_before: dict[str, torch.Tensor]) -> dict[
     return tensors
 
 
-def saved_plan(detector: torch.nn.Module, record, path: Path):
-    """The plan an artifact's record (stage or export) holds in its ``quantization_map``, checked against the model.
+def apply_saved_plan(detector: torch.nn.Module, record, path: Path) -> None:
+    """Quantize ``detector`` by the plan an artifact's record (stage or export) holds in its ``quantization_map``.
 
-    An artifact written before the map was recorded (it has none) gets the
-    model's plan at its ``w_bits``/``a_bits``, which is what those versions built.
+    The map is checked against the model: its layers, and each layer's bits
+    and weight groups as the quantized layers are built. An artifact written
+    before the map was recorded (it has none) gets the model's plan at its
+    ``w_bits``/``a_bits``, which is what those versions built.
     """
     plan = detector_plan(detector, record.w_bits, record.a_bits)
-    if record.quantization_map is None:
-        return plan
     try:
-        saved = plan_from_map(record.quantization_map, set(plan.layers))
-        for name, lp in saved.layers.items():
-            fan_in = detector.get_submodule(name).weight[0].numel() if lp.w_group else 0
-            if lp.w_group and fan_in % lp.w_group:
-                raise ValueError(f"its weight group of {lp.w_group} for {name!r} does not divide its {fan_in} inputs")
-        return saved
+        if record.quantization_map is not None:
+            plan = plan_from_map(record.quantization_map, set(plan.layers))
+        apply_plan(detector, plan)
     except ValueError as err:
         raise AphqError(f"{path} cannot be rebuilt: {err}; rerun the stage that wrote it") from err
 
@@ -482,7 +479,7 @@ def load_stage(run: Path, stage: str | None = None, device="cpu", *, trust_check
     made = stage_record(header, path)
     mlp = made.mlp_recon_artifact
     detector = source.build(device, mlp_recon=Path(mlp) if mlp else None)
-    apply_plan(detector, saved_plan(detector, made, path))
+    apply_saved_plan(detector, made, path)
     apply_params(detector, {k[len("param:"):]: v for k, v in tensors.items() if k.startswith("param:")})
     try:
         load_quant_state(detector, {k[len("quant:"):]: v for k, v in tensors.items() if k.startswith("quant:")})
