@@ -29,6 +29,18 @@ fail() { echo "aphq bootstrap: $1 failed; the last lines of $LOG:" >&2; tail -n 
 pip() { "$VENV/bin/python" -m pip --disable-pip-version-check "$@" >> "$LOG" 2>&1; }
 pin() { grep -E "^$1(==|>=|<)" requirements.lock | head -n1; }
 
+# torch 2.14.1's CUDA build and its libraries are most of the ~6 GB a .venv takes; without the room pip
+# stops deep in its output ("No space left on device", as a CI machine once did), so say it first.
+need_gb=7
+if ! "$VENV/bin/python" -c 'import torch' >/dev/null 2>&1; then
+  free_kb=$(df -Pk "$VENV" | awk 'NR == 2 {print $4}')
+  if [ "${free_kb:-0}" -lt $((need_gb * 1024 * 1024)) ]; then
+    echo "aphq bootstrap: $root has $((${free_kb:-0} / 1024 / 1024)) GB free and .venv needs about $need_gb GB" \
+         "(torch's CUDA build and its libraries); free some space and run it again" >&2
+    exit 1
+  fi
+fi
+
 start=$SECONDS
 step "installing build tools, torch and torchvision (first run only)"
 pip install -q --upgrade pip || fail "upgrading pip"
