@@ -20,7 +20,7 @@ from aphq_cli.data.coco import check_calib_split
 from aphq_cli.errors import AphqError
 from aphq_cli.headers import StageRecord
 from aphq_cli.models.plan import check_head_group, detector_plan
-from aphq_cli.models.zoo import build_model
+from aphq_cli.models.zoo import build_heads
 from aphq_cli.quant.calib import SearchSettings, calibrate_model
 from aphq_cli.quant.wrap import apply_plan, quantization_map
 from aphq_cli.runs import ModelSource, quantized_tensors, read_stage, stage_path, writes_run
@@ -110,8 +110,9 @@ def calibrate(*, model: str, run: Path, w_bits: int | None = None, a_bits: int |
     if out.is_file() and not force:
         old = read_stage(run, STAGE)[1]
         held = _grid(old.w_bits, old.a_bits, old.calibrate.get("head_w_group", 0))
-        if held != _grid(config.w_bits, config.a_bits, config.head_w_group):
-            raise AphqError(f"{out} holds {held}, not {_grid(config.w_bits, config.a_bits, config.head_w_group)}; "
+        wanted = _grid(config.w_bits, config.a_bits, config.head_w_group)
+        if held != wanted:
+            raise AphqError(f"{out} holds {held}, not {wanted}; "
                             "use another --run folder, or --force to replace it (later stages go stale)")
     if stage.current:
         return stage.reused()
@@ -131,7 +132,7 @@ def _grid(w_bits: int, a_bits: int, head_w_group: int) -> str:
 def _fits_model(source, config: CalibrateConfig) -> None:
     """Refuse a ``head_w_group`` the model's head layers cannot take, before the run folder is touched."""
     if config.head_w_group:
-        check_head_group(build_model(source.cfg), config.head_w_group)
+        check_head_group(build_heads(source.cfg), config.head_w_group)
 
 
 def read_image_list(path: Path) -> list[int]:

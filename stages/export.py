@@ -90,9 +90,10 @@ def export(*, run: Path, out: Path, stage: str | None = None, trust_checkpoint: 
     tensors, manifest = export_tensors(detector)
     relu = sorted(n[: -len(".mlp.act")] for n, m in detector.named_modules()
                   if n.endswith(".mlp.act") and isinstance(m, nn.ReLU))
+    qmap = quantization_map(detector)
     return written.save(tensors, ExportRecord(
-        export_format=export_format(quantization_map(detector)), model=made.model, data=made.data, source_stage=stage,
+        export_format=export_format(qmap), model=made.model, data=made.data, source_stage=stage,
         calib_split=made.protocol, w_bits=made.w_bits, a_bits=made.a_bits, relu_mlp_blocks=relu,
-        quantization_map=quantization_map(detector),
+        quantization_map=qmap,
         mmdet_config=config_to_json(source.cfg._cfg_dict.to_dict()),
         manifest=manifest).to_dict())

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mmcv import Config, ConfigDict
-from mmdet.models import build_detector
+from mmdet.models import build_detector, build_head
+from torch import nn
 
 import aphq_cli.models.swin  # noqa: F401  registers APHQSwinTransformer with mmdet
 from aphq_cli.data.synth import ensure_dataset
@@ -120,6 +121,19 @@ def build_model(cfg):
         raise AphqError(f"model config could not be built ({err})") from err
     model.cfg = cfg
     return model.eval()
+
+
+def build_heads(cfg) -> nn.Module:
+    """The RPN and RoI heads of ``cfg``'s detector alone (random weights), named as in the detector.
+
+    For checks of the head layers' sizes before a stage starts: the backbone,
+    most of a full-size model's build time and memory, is not built.
+    """
+    try:
+        return nn.ModuleDict({key: build_head(copy.deepcopy(cfg.model[key])) for key in ("rpn_head", "roi_head")
+                              if cfg.model.get(key)})
+    except (KeyError, TypeError, ValueError) as err:
+        raise AphqError(f"model config could not be built ({err})") from err
 
 
 def load_model(model: str | ModelSpec, checkpoint: Path | None = None, *, trust_pickle: bool = False,

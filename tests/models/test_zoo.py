@@ -6,7 +6,7 @@ import torch
 
 from aphq_cli.errors import AphqError
 from aphq_cli.models.checkpoint import load_checkpoint, save_checkpoint
-from aphq_cli.models.zoo import build_model, load_config, load_model, normalize_backbone, resolve_model
+from aphq_cli.models.zoo import build_heads, build_model, load_config, load_model, normalize_backbone, resolve_model
 
 PAPER_MODELS = {  # name -> (detector type, Swin depths)
     "mask-rcnn-swin-t": ("MaskRCNN", [2, 2, 6, 2]),
@@ -87,3 +87,13 @@ def test_wrong_model_checkpoint_is_refused(tmp_path):
     with pytest.raises(AphqError, match=r"does not fit the model: 168 missing key\(s\) such as "
                                         r"backbone\.layers\.2\.blocks\.6\."):
         load_checkpoint(s, path)
+
+
+@pytest.mark.parametrize("name", ["tiny-mask-rcnn", "tiny-cascade-mask-rcnn"])
+def test_the_heads_alone_have_the_detectors_head_layers(name):
+    """build_heads (what calibrate checks head_w_group on) names and shapes every head parameter as the detector."""
+    cfg = load_config(resolve_model(name))
+    heads = {n: p.shape for n, p in build_heads(cfg).named_parameters()}
+    assert heads == {n: p.shape for n, p in build_model(cfg).named_parameters()
+                     if n.startswith(("rpn_head.", "roi_head."))}
+    assert any(n.startswith("roi_head.mask_head") for n in heads)
