@@ -434,7 +434,13 @@ def main() -> None:
     if not distributed.is_main():
         sys.stdout = open(os.devnull, "w")  # paths and JSON come once, from rank 0
     signal.signal(signal.SIGTERM, _terminate)
-    app(prog_name="aphq")
+    try:
+        app(prog_name="aphq")  # click ends with SystemExit, 0 on success
+    except SystemExit as done:
+        if done.code in (None, 0):
+            distributed.close()
+        raise
+    distributed.close()
 
 
 if __name__ == "__main__":

@@ -58,6 +58,21 @@ def init(device: str = "cpu") -> str:
     return device
 
 
+def close() -> None:
+    """Leave the process group after a command that succeeded on every rank.
+
+    Without it gloo's worker threads outlive the interpreter: at exit a rank
+    can abort with "terminate called without an active exception" (SIGABRT),
+    and torchrun then fails a command whose results were already written. The
+    barrier keeps a rank from tearing its connections down while another still
+    sends. Callers skip this after an error: a rank that failed never reaches
+    the barrier, and torchrun stops the others anyway.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

@@ -90,3 +90,36 @@ def test_two_process_aph_equals_one_process(synth_dir, random_tiny_checkpoint, t
     got, _ = load_artifact(twin / "reconstruct.safetensors")
     want, _ = load_artifact(run / "reconstruct.safetensors")
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A real gloo process group of one rank, as torchrun would leave joined; left by the test or here."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    yield dist
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _main(monkeypatch, *argv):
+    from aphq_cli import cli
+
+    monkeypatch.setattr(sys, "argv", ["aphq", *argv])
+    monkeypatch.setattr(sys, "stdout", sys.stdout)  # main() may swap it; the monkeypatch puts it back
+    with pytest.raises(SystemExit) as done:
+        cli.main()
+    return done.value.code
+
+
+def test_a_command_that_succeeds_leaves_the_process_group(one_rank_group, monkeypatch):
+    # A rank that exits inside the group can abort in gloo's threads (SIGABRT) after its work is done.
+    assert _main(monkeypatch, "models") == 0
+    assert not one_rank_group.is_initialized()
+
+
+def test_a_command_that_fails_does_not_wait_for_the_other_ranks(one_rank_group, monkeypatch, tmp_path):
+    # A barrier after an error would hang the ranks that did not fail; torchrun stops them instead.
+    assert _main(monkeypatch, "status", str(tmp_path / "no-such-run")) != 0
+    assert one_rank_group.is_initialized()
