@@ -104,10 +104,14 @@ def one_rank_group(tmp_path):
 
 
 def _main(monkeypatch, *argv):
+    """``aphq ARGV`` in this process; its exit code. What main() changes for the process is put back."""
+    import signal
+
     from aphq_cli import cli
 
     monkeypatch.setattr(sys, "argv", ["aphq", *argv])
-    monkeypatch.setattr(sys, "stdout", sys.stdout)  # main() may swap it; the monkeypatch puts it back
+    monkeypatch.setattr(sys, "stdout", sys.stdout)
+    monkeypatch.setattr(signal, "signal", lambda signum, handler: None)  # pytest keeps its SIGTERM handling
     with pytest.raises(SystemExit) as done:
         cli.main()
     return done.value.code
