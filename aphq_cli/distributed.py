@@ -27,9 +27,14 @@ import torch.distributed as dist
 TIMEOUT = datetime.timedelta(hours=24)
 
 
+def _joined() -> bool:
+    """Whether this process is in an initialized process group."""
+    return dist.is_available() and dist.is_initialized()
+
+
 def rank_world() -> tuple[int, int]:
     """``(rank, world size)``: from an initialized process group, else torchrun's environment, else (0, 1)."""
-    if dist.is_available() and dist.is_initialized():
+    if _joined():
         return dist.get_rank(), dist.get_world_size()
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
@@ -68,13 +73,13 @@ def close() -> None:
     sends. Callers skip this after an error: a rank that failed never reaches
     the barrier, and torchrun stops the others anyway.
     """
-    if dist.is_available() and dist.is_initialized():
+    if _joined():
         dist.barrier()
         dist.destroy_process_group()
 
 
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if _joined():
         dist.barrier()
 
 
@@ -89,7 +94,7 @@ def gather_in_order(mine: list, count: int) -> list:
 
     ``count`` drops the padding mmdetection's sampler adds to even out the shares.
     """
-    if not (dist.is_available() and dist.is_initialized()):
+    if not _joined():
         return list(mine)[:count]
     parts: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(parts, list(mine))
@@ -104,7 +109,7 @@ def interleave(parts: list[list], count: int) -> list:
 
 def broadcast(value: Any) -> Any:
     """Rank 0's ``value`` on every rank."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not _joined():
         return value
     box = [value]
     dist.broadcast_object_list(box, src=0)

@@ -9,9 +9,11 @@ argument names or in mmdetection's, are rewritten to our quantizable
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from mmcv import Config, ConfigDict
 from mmdet.models import build_detector, build_head
@@ -115,10 +117,8 @@ def normalize_backbone(backbone: dict) -> dict:
 
 def build_model(cfg):
     """Build the detector of ``cfg`` in eval mode on CPU, with random weights."""
-    try:
+    with _config_errors():
         model = build_detector(cfg.model)
-    except (KeyError, TypeError, ValueError) as err:
-        raise AphqError(f"model config could not be built ({err})") from err
     model.cfg = cfg
     return model.eval()
 
@@ -129,9 +129,16 @@ def build_heads(cfg) -> nn.Module:
     For checks of the head layers' sizes before a stage starts: the backbone,
     most of a full-size model's build time and memory, is not built.
     """
-    try:
+    with _config_errors():
         return nn.ModuleDict({key: build_head(copy.deepcopy(cfg.model[key])) for key in ("rpn_head", "roi_head")
                               if cfg.model.get(key)})
+
+
+@contextlib.contextmanager
+def _config_errors() -> Iterator[None]:
+    """mmdetection's errors for a config it cannot build, as one sentence."""
+    try:
+        yield
     except (KeyError, TypeError, ValueError) as err:
         raise AphqError(f"model config could not be built ({err})") from err
 
