@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -105,8 +106,6 @@ def one_rank_group(tmp_path):
 
 def _main(monkeypatch, *argv):
     """``aphq ARGV`` in this process; its exit code. What main() changes for the process is put back."""
-    import signal
-
     from aphq_cli import cli
 
     monkeypatch.setattr(sys, "argv", ["aphq", *argv])
