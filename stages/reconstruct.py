@@ -35,7 +35,7 @@ from aphq_cli.errors import AphqError
 from aphq_cli.models.heads import HEAD_LOSSES, float_head_inputs, head_cache_shapes, head_units
 from aphq_cli.models.plan import RPN_TASK, units_of
 from aphq_cli.quant.adaround import (beta_schedule, hard_quantize_floor, init_alpha, qdrop_mix, rounding_regularizer,
-                                     soft_quantize_floor)
+                                     soft_quantize_floor, straight_through_floor)
 from aphq_cli.quant.aph import block_fisher, ensure_block_aph
 from aphq_cli.quant.headloss import normalized_sum
 from aphq_cli.quant.modules import QuantConv2d, QuantLinear, Quantizer
@@ -77,6 +77,9 @@ class ReconstructConfig:
     # With heads: Adam's learning rate for the head layers' weight-quantizer scales, learned beside
     # their rounding (as relative gains, cosine decay); 0 keeps the calibrated scales, as AdaRound does.
     head_w_scale_lr: float = 0.0
+    # "adaround": train on the soft rounding, keep the hard one (the published method); "ste": the hard
+    # rounding forward and the soft one's gradient backward (beyond it: docs/results.md, issue #18).
+    rounding: str = "adaround"
     cache_dtype: str = "float32"  # the unit cache's floats: "float16" halves its disk (issue #19)
     aph_dtype: str = "float16"  # the APH cache's floats: float16 is half the disk of float32 (issue #19)
     version: int = field(default=CONFIG_VERSION)
@@ -107,6 +110,8 @@ class ReconstructConfig:
         for name in ("cache_dtype", "aph_dtype"):
             if getattr(self, name) not in CACHE_DTYPES:
                 raise AphqError(f"{name} must be one of {', '.join(CACHE_DTYPES)}, got {getattr(self, name)!r}")
+        if self.rounding not in ROUNDINGS:
+            raise AphqError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {self.rounding!r}")
         if self.qdrop_scope not in QDROP_SCOPES:
             raise AphqError(f"qdrop_scope must be one of {', '.join(QDROP_SCOPES)}, got {self.qdrop_scope!r}")
 
@@ -134,6 +139,9 @@ LOSSES: dict[str, str] = {
 # "all" also drops on the attention-matmul operands and conv inputs (the image too).
 QDROP_SCOPES = ("linear", "all")
 
+# How a unit's weights round while it learns: what its forward pass sees.
+ROUNDINGS = ("adaround", "ste")
+
 # The parts of one reconstruction iteration a `timer` sees (benchmarks/iteration.py).
 PARTS = ("read", "mix", "forward", "loss", "backward", "step")
 
@@ -155,11 +163,15 @@ class SoftRounding(nn.Module):
     magnitude); the integer grid ``floor`` stays the calibrated one, and
     :meth:`harden` writes the learned scale into the quantizer. ``weight``
     is the weight as the quantizer sees it (the layer's ``weight_groups()``).
+    With ``straight_through`` the forward pass sees the hard rounding it
+    will keep, and the gradient is the soft rounding's (``rounding = "ste"``).
     """
 
-    def __init__(self, quantizer: nn.Module, weight: torch.Tensor, learn_scale: bool = False) -> None:
+    def __init__(self, quantizer: nn.Module, weight: torch.Tensor, learn_scale: bool = False,
+                 straight_through: bool = False) -> None:
         super().__init__()
         self.quantizer = quantizer
+        self.straight_through = straight_through
         self.alpha = nn.Parameter(init_alpha(weight.detach(), quantizer.scale))
         self.floor = torch.floor(weight.detach() / quantizer.scale)
         self.gain = nn.Parameter(torch.ones_like(quantizer.scale)) if learn_scale else None
@@ -169,7 +181,8 @@ class SoftRounding(nn.Module):
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         q = self.quantizer
-        return soft_quantize_floor(self.floor, self.scale(), q.zero_point, q.bits, self.alpha)
+        rounded = straight_through_floor if self.straight_through else soft_quantize_floor
+        return rounded(self.floor, self.scale(), q.zero_point, q.bits, self.alpha)
 
     @torch.no_grad()
     def harden(self, weight: torch.Tensor) -> torch.Tensor:
@@ -251,7 +264,8 @@ def reconstruct_unit(unit: nn.Module, caches: "UnitCaches", k: int, weights, con
         return []
     # A head unit may learn its weight scales too (head_w_scale_lr; beyond AdaRound, issue #18).
     learn_scale = head_loss is not None and config.head_w_scale_lr > 0
-    soft = {id(layer): SoftRounding(layer.w_quant, layer.weight_groups(), learn_scale) for layer in layers}
+    soft = {id(layer): SoftRounding(layer.w_quant, layer.weight_groups(), learn_scale, config.rounding == "ste")
+            for layer in layers}
     # Only the rounding variables and the activation scales learn: the unit's own weights, biases and
     # norms are frozen, so backward computes no gradient for them (it used to: unused work).
     frozen = [p for p in unit.parameters() if p.requires_grad]

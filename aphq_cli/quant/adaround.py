@@ -84,6 +84,19 @@ def hard_quantize_floor(floor: torch.Tensor, scale: torch.Tensor, zero_point: to
     return (torch.clamp(floor + h + zero_point, 0, 2 ** bits - 1) - zero_point) * scale
 
 
+def straight_through_floor(floor: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int,
+                           alpha: torch.Tensor) -> torch.Tensor:
+    """The hard rounding's values forward, :func:`soft_quantize_floor`'s gradient backward.
+
+    AdaRound trains on the soft weights and keeps the hard ones; when its
+    regularizer has not driven every ``h`` to 0 or 1 (a short schedule:
+    docs/results.md), the two differ. Trained this way, a unit sees in
+    training the weights it keeps (up to the last bit of ``soft + (hard - soft)``).
+    """
+    soft = soft_quantize_floor(floor, scale, zero_point, bits, alpha)
+    return soft + (hard_quantize_floor(floor, scale, zero_point, bits, alpha) - soft).detach()
+
+
 def rounding_regularizer(alpha: torch.Tensor, beta: float) -> torch.Tensor:
     """``sum(1 - |2 h(alpha) - 1|^beta)``: zero once every ``h`` is exactly 0 or 1."""
     return (1 - (2 * rectified_sigmoid(alpha) - 1).abs().pow(beta)).sum()

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from aphq_cli.quant.adaround import (beta_schedule, hard_quantize_floor, init_alpha, qdrop_mix, rectified_sigmoid,
-                                     rounding_regularizer, soft_quantize_floor, soft_quantize_weight)
+                                     rounding_regularizer, soft_quantize_floor, soft_quantize_weight,
+                                     straight_through_floor)
 
 
 def test_rectified_sigmoid_hand_values():
@@ -94,3 +95,26 @@ def test_hard_rounding_from_the_floor_is_the_hard_plain_graph():
     alpha = init_alpha(w, s) + torch.randn(8, 24)
     assert torch.equal(hard_quantize_floor(torch.floor(w / s), s, z, 4, alpha),
                        soft_quantize_weight(w, s, z, 4, alpha, hard=True))
+
+
+def test_straight_through_is_the_hard_rounding_forward_and_the_soft_gradient_backward():
+    """rounding = "ste": the values a unit trains on are the hard weights it keeps (to the last bit of
+    soft + (hard - soft)), and alpha's gradient is the soft rounding's, by hand through h."""
+    torch.manual_seed(3)
+    w = torch.randn(16, 40)
+    s, z = torch.rand(16, 1) * 0.2 + 0.02, torch.full((16, 1), 8.0)
+    floor = torch.floor(w / s)
+    alpha = (init_alpha(w, s) + torch.randn(16, 40)).requires_grad_()
+    grad = torch.randn(16, 40)
+    ste = straight_through_floor(floor, s, z, 4, alpha)
+    hard = hard_quantize_floor(floor, s, z, 4, alpha.detach())
+    assert not torch.equal(hard, soft_quantize_floor(floor, s, z, 4, alpha.detach()))  # the two differ here
+    assert torch.allclose(ste, hard, rtol=0, atol=1e-6)
+    got = torch.autograd.grad(ste, alpha, grad)[0]
+    # d/dalpha of (floor + h(alpha) + z - z) * s inside the clamps: grad * s * (zeta - gamma) * sigmoid'(alpha),
+    # zero where h is pinned at 0 or 1 or the level is clamped.
+    a = alpha.detach()
+    h0 = torch.sigmoid(a) * 1.2 - 0.1
+    inside = (h0 > 0) & (h0 < 1) & (floor + h0 + z > 0) & (floor + h0 + z < 15)
+    expected = torch.where(inside, grad * s * 1.2 * torch.sigmoid(a) * (1 - torch.sigmoid(a)), torch.zeros(()))
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-7)

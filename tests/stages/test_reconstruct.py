@@ -468,6 +468,25 @@ def test_head_weight_scales_learn_only_when_asked(calibrated):
             assert torch.equal(m.w_quant(m.weight), m.weight)
 
 
+def test_straight_through_rounding_trains_on_the_weights_it_keeps(calibrated):
+    """#18: rounding = "ste" is asked for by name (a typo is refused) and learns other roundings than
+    AdaRound's soft training does, every weight still on its calibrated grid."""
+    with pytest.raises(AphqError, match="rounding must be one of adaround, ste, got 'nearest'"):
+        ReconstructConfig(rounding="nearest")
+    weights = {}
+    for rounding in ("adaround", "ste"):
+        reconstruct(run=calibrated, loss="mse", force=True,
+                    settings={"iters": 20, "images": 1, "w_lr": 0.05, "rounding": rounding})
+        rec, _ = load_artifact(calibrated / "reconstruct.safetensors")
+        weights[rounding] = {k: v for k, v in rec.items() if k.startswith("param:backbone.") and k.endswith("weight")}
+    assert weights["adaround"].keys() == weights["ste"].keys()
+    assert any(not torch.equal(v, weights["ste"][k]) for k, v in weights["adaround"].items())
+    model, _, _ = load_stage(calibrated)
+    for m in model.backbone.modules():
+        if isinstance(m, (QuantLinear, QuantConv2d)):
+            assert torch.equal(m.w_quant(m.weight), m.weight)
+
+
 def _plain_graph(monkeypatch):
     """The loop as it was before its speed work: every quantizer and QDrop choice as a plain autograd graph.
 
