@@ -94,7 +94,9 @@ def straight_through_floor(floor: torch.Tensor, scale: torch.Tensor, zero_point:
     training the weights it keeps (up to the last bit of ``soft + (hard - soft)``).
     """
     soft = soft_quantize_floor(floor, scale, zero_point, bits, alpha)
-    return soft + (hard_quantize_floor(floor, scale, zero_point, bits, alpha) - soft).detach()
+    with torch.no_grad():  # a constant: no graph is recorded for it in the training loop
+        step = hard_quantize_floor(floor, scale, zero_point, bits, alpha) - soft
+    return soft + step
 
 
 def rounding_regularizer(alpha: torch.Tensor, beta: float) -> torch.Tensor:
